@@ -1,0 +1,37 @@
+# Two commands set everything up from a clean clone (Python >= 3.10 on PATH):
+#   make test   -> virtual environment + package with test extras + default test suite
+#   make demo   -> same set-up, then the main job on the bundled data
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.mdsens-installed
+# Two workers fit the reference 2-core machine; override with `make test PYTEST_WORKERS=0`.
+PYTEST_WORKERS ?= 2
+
+.PHONY: test test-slow demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m slow
+
+demo: $(STAMP)
+	$(BIN)/mdsens demo
+
+# Benchmarks need the peers (jaxopt) that are never runtime dependencies.
+$(VENV)/.mdsens-bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	touch $@
+
+bench: $(VENV)/.mdsens-bench
+	$(BIN)/python benchmarks/core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,13 @@
+"""mdsens: sensitivity analysis of relaxed atomistic structures by implicit differentiation.
+
+``import mdsens`` turns on JAX float64 (opt out with ``MDSENS_ENABLE_X64=0``; see
+:mod:`mdsens._config`).
+"""
+
+from mdsens._config import enable_x64_if_requested as _enable_x64_if_requested
+
+_enable_x64_if_requested()
+
+from mdsens.md.system import StructureError, System  # noqa: E402
+
+__version__ = "0.1.0"
