@@ -8,6 +8,17 @@ from mdsens._config import enable_x64_if_requested as _enable_x64_if_requested
 
 _enable_x64_if_requested()
 
+from mdsens import linear_solve  # noqa: E402
+from mdsens.implicit import (  # noqa: E402
+    LinearSolveError,
+    LinearSolveWarning,
+    OptimalityStructureError,
+    SolveInfo,
+    custom_fixed_point,
+    custom_root,
+    root_jvp,
+    root_vjp,
+)
 from mdsens.md.system import StructureError, System  # noqa: E402
 
 __version__ = "0.1.0"
