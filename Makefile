@@ -25,13 +25,20 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mdsens demo
 
-# Benchmarks need the peers (jaxopt) that are never runtime dependencies.
-$(VENV)/.mdsens-bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[test,bench]"
-	touch $@
+# Benchmarks run in their own environment: the peers they measure (jaxopt) are never
+# runtime dependencies of mdsens and never enter the test environment.
+BENCH_VENV ?= .venv-bench
+BENCH_STAMP = $(BENCH_VENV)/.mdsens-bench
 
-bench: $(VENV)/.mdsens-bench
-	$(BIN)/python benchmarks/core.py
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/core.py
+	$(BENCH_VENV)/bin/python benchmarks/relax.py
+	$(BENCH_VENV)/bin/python benchmarks/sensitivity.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache build *.egg-info
