@@ -1,3 +1,23 @@
-"""Parameterized potentials on jax-md (see `base.Potential` for the contract)."""
+"""Parameterized potentials on jax-md (see `base.Potential` for the contract).
 
-from mdsens.md.potentials.base import Potential
+Every potential holds differentiable parameters in ``pot.params`` (dict of float64
+arrays) and returns pure energy functions ``E(positions, params, cell, neighbor=None)``.
+"""
+
+from mdsens.md.potentials.base import (
+    CutoffError,
+    ParameterError,
+    Potential,
+    PotentialError,
+    SpeciesError,
+)
+from mdsens.md.potentials.lennard_jones import LennardJones
+
+__all__ = [
+    "Potential",
+    "PotentialError",
+    "SpeciesError",
+    "CutoffError",
+    "ParameterError",
+    "LennardJones",
+]
