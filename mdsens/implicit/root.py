@@ -158,23 +158,20 @@ def _projected_solve(matvec, b, *, solve, right_basis, left_basis, symmetric, on
     else:
         deflated, rhs = matvec, b
 
-    infos = []
-
     def run(mv, r):
         x, info = _call_solver(solve, mv, r)
-        if info is not None:
-            if on_failure != "ignore":
-                jax.debug.callback(
-                    functools.partial(_report_failure, on_failure),
-                    info.residual_norm, info.b_norm, info.iterations, info.breakdown, info.converged,
-                )
-            infos.append(info)
-        return x
+        if info is not None and on_failure != "ignore":
+            jax.debug.callback(
+                functools.partial(_report_failure, on_failure),
+                info.residual_norm, info.b_norm, info.iterations, info.breakdown, info.converged,
+            )
+        return x, info
 
-    x = lax.custom_linear_solve(deflated, rhs, solve=run, transpose_solve=run, symmetric=symmetric)
+    x, info = lax.custom_linear_solve(deflated, rhs, solve=run, transpose_solve=run,
+                                      symmetric=symmetric, has_aux=True)
     if right_basis is not None:
         x = x - right_basis @ (right_basis.T @ x)
-    return x, (infos[0] if infos else None)
+    return x, info
 
 
 def _default_solve(matvec, b):
