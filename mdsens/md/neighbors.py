@@ -4,6 +4,8 @@ Policy
 ------
 * Systems with ``N >= NEIGHBOR_LIST_MIN_ATOMS`` (= 500) atoms use neighbor lists; smaller
   ones use the dense all-pairs path (O(N²) but branch-free and fastest at that size).
+  A potential may lower the switch (``pot.neighbor_list_min_atoms``; Tersoff: 128,
+  because its dense bond-order sum is O(N³)).
   Both give the same energies and forces to round-off (tested to 1e-12).
 * Lists are jax-md ``Dense`` lists (full: every pair i→j and j→i, needed by three-body
   potentials), built on fractional coordinates with ``periodic_general`` for periodic
@@ -57,9 +59,9 @@ class NeighborListError(RuntimeError):
     """A neighbor list cannot be used as given; the message says what to do."""
 
 
-def use_neighbor_list(n_atoms: int) -> bool:
-    """The automatic choice: ``n_atoms >= NEIGHBOR_LIST_MIN_ATOMS``."""
-    return int(n_atoms) >= NEIGHBOR_LIST_MIN_ATOMS
+def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS) -> bool:
+    """The automatic choice: ``n_atoms >= min_atoms`` (default 500)."""
+    return int(n_atoms) >= int(min_atoms)
 
 
 def metric_box(cell):

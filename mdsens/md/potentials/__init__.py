@@ -12,6 +12,10 @@ from mdsens.md.potentials.base import (
     SpeciesError,
 )
 from mdsens.md.potentials.lennard_jones import LennardJones
+from mdsens.md.potentials.morse import Morse
+from mdsens.md.potentials.soft_sphere import SoftSphere
+from mdsens.md.potentials.stillinger_weber import StillingerWeber
+from mdsens.md.potentials.tersoff import Tersoff, read_lammps_tersoff
 
 __all__ = [
     "Potential",
@@ -20,4 +24,9 @@ __all__ = [
     "CutoffError",
     "ParameterError",
     "LennardJones",
+    "SoftSphere",
+    "Morse",
+    "StillingerWeber",
+    "Tersoff",
+    "read_lammps_tersoff",
 ]

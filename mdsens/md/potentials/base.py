@@ -25,7 +25,8 @@ Everything is differentiable w.r.t. ``positions``, ``params`` and ``cell``.
 
 Neighbor lists (see :mod:`mdsens.md.neighbors`)
 -----------------------------------------------
-Systems with ``N >= neighbors.NEIGHBOR_LIST_MIN_ATOMS`` (500) atoms use neighbor lists
+Systems with ``N >= pot.neighbor_list_min_atoms`` atoms (500 for pair potentials and
+Stillinger–Weber, 128 for Tersoff, whose dense path is O(N³)) use neighbor lists
 automatically; the energy function then *requires* a ``neighbor`` argument (calling it
 without one raises instead of silently building an O(N²) dense problem)::
 
@@ -153,6 +154,9 @@ class Potential:
     n_species: Optional[int] = None
     #: a short name for messages.
     name: str = "potential"
+    #: the automatic dense/neighbor-list switch: neighbor lists when N >= this.
+    #: Potentials whose dense path is O(N³) (Tersoff) lower it.
+    neighbor_list_min_atoms: int = _nb.NEIGHBOR_LIST_MIN_ATOMS
 
     # -- hooks ------------------------------------------------------------------------
     def cutoff(self, params=None) -> float:
@@ -247,7 +251,11 @@ class Potential:
         species = self.species_indices(system)
         species_j_pad = np.concatenate([species, species[:1]])  # padding index N -> any
         n = system.n_atoms
-        use_nl = _nb.use_neighbor_list(n) if neighbor_list is None else bool(neighbor_list)
+        use_nl = (
+            _nb.use_neighbor_list(n, self.neighbor_list_min_atoms)
+            if neighbor_list is None
+            else bool(neighbor_list)
+        )
         periodic = bool(system.pbc)
         # Our own displacement (jax-md primitives, no custom JVP): see mdsens.md.space.
         displacement = periodic_general_displacement if periodic else free_displacement
@@ -278,7 +286,7 @@ class Potential:
                 if use_nl:
                     raise ValueError(
                         f"{name}: this energy function was built for neighbor lists "
-                        f"(N={n} >= {_nb.NEIGHBOR_LIST_MIN_ATOMS}); pass "
+                        f"(N={n}); pass "
                         "neighbor=pot.neighbor_list(system, params), or build it with "
                         "energy_fn(system, neighbor_list=False) for the dense path."
                     )
@@ -329,7 +337,7 @@ class Potential:
     # -- host-level wrappers (not for use inside jit) -------------------------------------
     def _evaluate(self, system: System, params, what):
         params = self.check(system, params)
-        use_nl = _nb.use_neighbor_list(system.n_atoms)
+        use_nl = _nb.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms)
         E = self.energy_fn(system, neighbor_list=use_nl, params=params)
         nbrs = self.neighbor_list(system, params) if use_nl else None
         return what(E, params, nbrs)
