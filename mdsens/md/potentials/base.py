@@ -336,25 +336,21 @@ class Potential:
 
     # -- host-level wrappers (not for use inside jit) -------------------------------------
     def _evaluate(self, system: System, params, what):
+        """Run ``what(E, R, p, C, nbrs)`` under one ``jax.jit`` (host wrappers)."""
         params = self.check(system, params)
         use_nl = _nb.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms)
         E = self.energy_fn(system, neighbor_list=use_nl, params=params)
         nbrs = self.neighbor_list(system, params) if use_nl else None
-        return what(E, params, nbrs)
+        fn = jax.jit(lambda R, p, C, nb: what(E, R, p, C, nb))
+        return fn(system.positions, params, system.cell, nbrs)
 
     def energy(self, system: System, params=None):
         """Potential energy of ``system`` (eV), float64 scalar."""
-        return self._evaluate(
-            system, params, lambda E, p, nb: E(system.positions, p, system.cell, nb)
-        )
+        return self._evaluate(system, params, lambda E, R, p, C, nb: E(R, p, C, nb))
 
     def forces(self, system: System, params=None):
         """Forces ``-dE/dR``, ``(N, d)`` (eV/Å)."""
-        return self._evaluate(
-            system,
-            params,
-            lambda E, p, nb: -jax.grad(E)(system.positions, p, system.cell, nb),
-        )
+        return self._evaluate(system, params, lambda E, R, p, C, nb: -jax.grad(E)(R, p, C, nb))
 
     def stress(self, system: System, params=None):
         """Stress in ASE's convention and Voigt order (xx, yy, zz, yz, xz, xy), eV/Å³.
@@ -370,24 +366,30 @@ class Potential:
             raise PotentialError(
                 "stress needs a periodic system with a cell; this one is free (pbc=False)."
             )
-        return self._evaluate(system, params, lambda E, p, nb: _stress(E, system, p, nb))
+        return self._evaluate(system, params, lambda E, R, p, C, nb: stress_from_energy(E, R, p, C, nb))
 
 
-def strain_energy_fn(E, system: System, params, neighbor=None):
-    """``e(ε) = E(R (I+ε_s), p, cell (I+ε_s))`` with ``ε_s = (ε + εᵀ)/2``; ``(d, d) -> eV``."""
-    dim = system.dim
+def strain_energy_fn(E, positions, params, cell, neighbor=None):
+    """``e(ε) = E(R (I+ε_s), p, cell (I+ε_s))``, ``ε_s = (ε + εᵀ)/2``: ``(d, d) -> eV``.
+
+    The affine strain at fixed fractional coordinates; ``de/dε`` at 0 is ``V σ`` (ASE
+    sign), its second derivative the clamped-ion elastic tensor times V.
+    """
+    dim = positions.shape[1]
     eye = jnp.eye(dim, dtype=jnp.float64)
 
     def e(eps):
         F = eye + 0.5 * (eps + eps.T)
-        return E(system.positions @ F, params, system.cell @ F, neighbor)
+        return E(positions @ F, params, cell @ F, neighbor)
 
     return e
 
 
-def _stress(E, system, params, neighbor):
-    e = strain_energy_fn(E, system, params, neighbor)
-    sigma = jax.grad(e)(jnp.zeros((system.dim, system.dim), jnp.float64)) / system.volume
+def stress_from_energy(E, positions, params, cell, neighbor=None):
+    """Voigt stress (ASE sign, eV/Å³; 2D: (xx, yy, xy)) of an mdsens energy function."""
+    e = strain_energy_fn(E, positions, params, cell, neighbor)
+    dim = positions.shape[1]
+    sigma = jax.grad(e)(jnp.zeros((dim, dim), jnp.float64)) / jnp.abs(jnp.linalg.det(cell))
     return full_to_voigt(sigma)
 
 
