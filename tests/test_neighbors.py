@@ -1,0 +1,135 @@
+"""Neighbor lists: same energies/forces as the dense path (1e-12), automatic switch,
+growth of the interaction range with a parameter, overflow and box deformation.
+
+The dense all-pairs path is the reference (itself validated against ASE in
+test_potentials.py); every list-based result must agree with it to 1e-12.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import bulk
+
+import mdsens as ms
+from mdsens.md import neighbors
+from mdsens.md.potentials import LennardJones, SoftSphere
+
+SIGMA, EPS = 3.4, 0.0104
+
+
+def ar(repeat=4, a=5.26, rattle=0.1, seed=11):
+    atoms = bulk("Ar", "fcc", a=a, cubic=True).repeat(repeat)
+    del atoms[0]
+    atoms.rattle(rattle, seed=seed)
+    return ms.System.from_ase(atoms)
+
+
+def dense_ef(pot, system, params):
+    E = pot.energy_fn(system, neighbor_list=False, params=params)
+    e, g = jax.jit(jax.value_and_grad(E))(system.positions, params, system.cell)
+    return float(e), -np.asarray(g)
+
+
+def nl_ef(pot, system, params, nbrs):
+    E = pot.energy_fn(system, neighbor_list=True, params=params)
+    e, g = jax.jit(jax.value_and_grad(E))(system.positions, params, system.cell, nbrs)
+    return float(e), -np.asarray(g)
+
+
+def assert_same(a, b):
+    (ea, fa), (eb, fb) = a, b
+    assert abs(ea - eb) < 1e-12 * abs(eb)
+    assert np.max(np.abs(fa - fb)) < 1e-12 * np.max(np.abs(fb))
+
+
+def test_automatic_switch_at_documented_size():
+    assert neighbors.NEIGHBOR_LIST_MIN_ATOMS == 500
+    assert not neighbors.use_neighbor_list(499) and neighbors.use_neighbor_list(500)
+    rng = np.random.default_rng(0)
+    n, L = 500, 30.0
+    g = np.stack(np.meshgrid(np.arange(25), np.arange(20), indexing="ij"), -1).reshape(-1, 2)
+    pos = (g + 0.5 + 0.2 * rng.standard_normal(g.shape)) * np.array([L / 25, L / 20])
+    system = ms.System(positions=pos, cell=np.eye(2) * L, species=np.arange(n) % 2, symbols=("A", "B"), pbc=True)
+    pot = SoftSphere(sigma=[[1.3, 1.5], [1.5, 1.7]], alpha=2.0)
+    E = pot.energy_fn(system)  # automatic: N = 500 -> neighbor list
+    with pytest.raises(ValueError, match="neighbor"):
+        E(system.positions, pot.params, system.cell)
+    nbrs = pot.neighbor_list(system)
+    assert isinstance(nbrs, neighbors.Neighbors)
+    assert_same(nl_ef(pot, system, pot.params, nbrs), dense_ef(pot, system, pot.params))
+    # host wrappers use the list automatically and agree too
+    e_dense, _ = dense_ef(pot, system, pot.params)
+    assert abs(float(pot.energy(system)) - e_dense) < 1e-12 * abs(e_dense)
+
+
+def test_neighbor_list_equals_dense_lj_and_free_cluster():
+    system = ar()
+    pot = LennardJones(SIGMA, EPS)
+    assert_same(nl_ef(pot, system, pot.params, pot.neighbor_list(system)), dense_ef(pot, system, pot.params))
+    from ase.cluster import Icosahedron
+
+    atoms = Icosahedron("Ar", noshells=3, latticeconstant=5.26)
+    atoms.rattle(0.05, seed=1)
+    free = ms.System.from_ase(atoms)
+    assert_same(nl_ef(pot, free, pot.params, pot.neighbor_list(free)), dense_ef(pot, free, pot.params))
+
+
+def test_parameter_that_grows_the_range_reallocates():
+    # r_c = 3σ is tied to σ: a larger σ needs a longer list. 5x5x5 cell: half-width 13.15 Å.
+    system = ar(repeat=5, rattle=0.05)
+    pot = LennardJones(SIGMA, EPS)
+    nl = pot.neighbor_list_fn(system)
+    nbrs = nl.allocate(system.positions, system.cell)
+    grown = {"sigma": jnp.asarray(4.1), "epsilon": jnp.asarray(EPS)}  # r_c = 12.3 Å
+    assert pot.cutoff(grown) > nl.list_radius  # the old list cannot cover it
+    dense = dense_ef(pot, system, grown)
+    stale = nl_ef(pot, system, grown, nbrs)
+    assert abs(stale[0] - dense[0]) > 1e-6 * abs(dense[0])  # the pitfall is real
+    nl2, nbrs2 = pot.refresh_neighbor_list(system, nbrs, nl, params=grown)
+    assert nl2.cutoff == pytest.approx(pot.cutoff(grown)) and nbrs2.cutoff >= pot.cutoff(grown)
+    assert_same(nl_ef(pot, system, grown, nbrs2), dense)
+    # a list that already covers the range is kept (updated, not reallocated)
+    nl3, _ = pot.refresh_neighbor_list(system, nbrs2, nl2, params=pot.params)
+    assert nl3 is nl2
+
+
+def test_overflow_inside_jit_is_detected_and_reallocated():
+    pot = LennardJones(SIGMA, EPS)
+    loose = ar(a=5.26 * 1.12, rattle=0.0)
+    tight = ar(a=5.26, rattle=0.1)
+    nl = pot.neighbor_list_fn(loose, skin=0.5)
+    nbrs = nl.allocate(loose.positions, loose.cell)
+    new = jax.jit(nl.update)(tight.positions, nbrs, tight.cell)  # box shrinks 11 %
+    assert bool(new.did_buffer_overflow) and new.needs_reallocation()
+    nl2, nbrs2 = neighbors.refresh(nl, nbrs, tight, pot.cutoff())
+    assert not nbrs2.needs_reallocation()
+    assert nbrs2.idx.shape[1] > nbrs.idx.shape[1]
+    assert_same(nl_ef(pot, tight, pot.params, nbrs2), dense_ef(pot, tight, pot.params))
+
+
+def test_box_deformation_forces_a_rebuild():
+    pot = LennardJones(SIGMA, EPS)
+    system = ar(rattle=0.05)
+    nl = pot.neighbor_list_fn(system)
+    nbrs = nl.allocate(system.positions, system.cell, extra_capacity=40)
+    F = np.eye(3) + np.array([[0.05, 0.01, 0.0], [0.01, 0.03, 0.0], [0.0, 0.0, 0.06]])
+    strained = system.replace(positions=system.positions @ F, cell=system.cell @ F)
+    assert np.linalg.norm(F - np.eye(3), 2) > nl.max_strain
+    new = jax.jit(nl.update)(strained.positions, nbrs, strained.cell)  # atoms did not move in fractional terms
+    assert not bool(new.did_buffer_overflow)
+    assert not np.allclose(np.asarray(new.reference_box), np.asarray(nbrs.reference_box))  # rebuilt
+    assert_same(nl_ef(pot, strained, pot.params, new), dense_ef(pot, strained, pot.params))
+    # a small strain is absorbed by the margin without a rebuild
+    Fs = np.eye(3) * (1 + 0.2 * nl.max_strain)
+    small = jax.jit(nl.update)(system.positions @ Fs, nbrs, system.cell @ Fs)
+    np.testing.assert_array_equal(np.asarray(small.reference_box), np.asarray(nbrs.reference_box))
+
+
+def test_metric_box_preserves_distances():
+    rng = np.random.default_rng(3)
+    cell = rng.standard_normal((3, 3)) + 4 * np.eye(3)
+    R = np.asarray(neighbors.metric_box(cell))
+    assert np.allclose(np.tril(R, -1), 0) and np.all(np.diag(R) > 0)
+    s = rng.standard_normal((20, 3))
+    np.testing.assert_allclose(np.linalg.norm(s @ cell, axis=1), np.linalg.norm(s @ R.T, axis=1), rtol=1e-13)
