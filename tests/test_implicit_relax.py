@@ -1,0 +1,133 @@
+"""`relax` as an implicit layer, against exact scaling laws and finite-difference re-relaxation.
+
+Lennard-Jones with cutoffs far beyond the structure is exactly scale invariant:
+E*(σ, ε) = ε e(…) and R*(σ) = σ r*, so dE*/dε = E*/ε and dR*/dσ = (R* − R̄*)/σ in the
+gauge without net translation and rotation (independent truths, not the code itself).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mdsens as ms
+from mdsens.md.implicit_relax import relax
+from mdsens.md.io import read
+from mdsens.md.potentials.lennard_jones import LennardJones
+from mdsens.md.potentials.soft_sphere import SoftSphere
+
+FMAX = 1e-9
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    system = read("data/lj13_ar.xyz")
+    pot = LennardJones(sigma=3.4, epsilon=0.0104, r_cutoff=40.0, r_onset=35.0)
+    return system, pot, relax(system, pot, fmax=FMAX)
+
+
+def test_cluster_scaling_laws_forward_and_reverse(cluster):
+    system, pot, result = cluster
+    R = np.asarray(result.system.positions)
+    expected = (R - R.mean(0)) / 3.4
+    jac = jax.jacfwd(lambda p: relax(system, pot, params=p, fmax=FMAX).system.positions)(pot.params)
+    np.testing.assert_allclose(jac["sigma"], expected, atol=1e-8 * np.abs(expected).max())
+    grad = jax.grad(lambda p: relax(system, pot, params=p, fmax=FMAX).energy)(pot.params)
+    np.testing.assert_allclose(grad["epsilon"], float(result.energy) / 0.0104, rtol=1e-8)
+    # the known LJ13 minimum, in units of ε (Wales & Doye 1997)
+    np.testing.assert_allclose(float(result.energy) / 0.0104, -44.326801, atol=1e-6)
+
+
+def test_forward_equals_reverse(cluster):
+    system, pot, _ = cluster
+    f = lambda p: relax(system, pot, params=p, fmax=FMAX).system.positions  # noqa: E731
+    v = {k: jnp.zeros_like(x) for k, x in pot.params.items()}
+    v["sigma"], v["epsilon"] = jnp.asarray(0.7), jnp.asarray(-0.002)
+    u = jnp.asarray(np.random.default_rng(0).normal(size=(13, 3)))
+    _, jv = jax.jvp(f, (pot.params,), (v,))
+    _, pullback = jax.vjp(f, pot.params)
+    (ju,) = pullback(u)
+    lhs = float(jnp.vdot(u, jv))
+    rhs = float(sum(jnp.vdot(ju[k], v[k]) for k in v))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def packing():
+    system = read("data/soft_spheres_2d.xyz")
+    pot = SoftSphere(sigma={"A": 1.0, "B": 1.4})
+    return system, pot, relax(system, pot, fmax=1e-10, neighbor_list=False)
+
+
+def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
+    system, pot, result = packing
+    name = "sigma"
+    direction = jnp.zeros_like(pot.params[name]).at[0, 0].set(1.0)
+
+    def positions(scale):
+        p = dict(pot.params)
+        p[name] = pot.params[name] + scale * direction
+        return relax(result.system, pot, params=p, fmax=1e-11, neighbor_list=False).system.positions
+
+    _, tangent = jax.jvp(positions, (0.0,), (1.0,))
+    h = 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plus, minus = np.asarray(positions(h)), np.asarray(positions(-h))
+    cell = np.asarray(result.system.cell)
+    diff = plus - minus
+    frac = diff @ np.linalg.inv(cell)
+    diff = (frac - np.round(frac)) @ cell  # undo wrapping across the cell
+    diff -= diff.mean(0)  # the gauge: no net translation
+    fd = diff / (2 * h)
+    # FD of re-relaxations carries noise ~ fmax / (λ_min h): a loose check
+    np.testing.assert_allclose(np.asarray(tangent), fd, atol=1e-3 * np.abs(fd).max())
+    np.testing.assert_allclose(np.asarray(tangent).sum(0), 0.0, atol=1e-9)
+
+    # the tight truth: a dense pseudo-inverse of the Hessian
+    energy = pot.energy_fn(result.system, neighbor_list=False)
+    R, cell = result.system.positions, result.system.cell
+    n = R.size
+    H = jax.hessian(energy)(R, pot.params, cell).reshape(n, n)
+    mixed = jax.jacfwd(lambda t: jax.grad(energy)(
+        R, {**pot.params, name: pot.params[name] + t * direction}, cell))(0.0).reshape(n)
+    dense = -(np.linalg.pinv(np.asarray(H), rcond=1e-10) @ np.asarray(mixed)).reshape(R.shape)
+    np.testing.assert_allclose(np.asarray(tangent), dense, atol=1e-7 * np.abs(dense).max())
+
+
+def test_fire_and_gradient_descent_give_the_same_derivative(packing):
+    system, pot, result = packing
+
+    def energy_derivative(method):
+        def e(p):
+            return relax(result.system, pot, params=p, fmax=1e-10, method=method,
+                         neighbor_list=False, max_steps=200_000).energy
+        return jax.grad(e)(pot.params)
+
+    fire, gd = energy_derivative("fire"), energy_derivative("gradient_descent")
+    for k in fire:
+        np.testing.assert_allclose(fire[k], gd[k], rtol=1e-7, atol=1e-10)
+
+
+def test_vmap_over_parameter_sets_uses_the_device_loop(cluster):
+    system, pot, result = cluster
+    eps = jnp.array([0.0104, 0.0208])
+
+    def energy(e):
+        p = dict(pot.params)
+        p["epsilon"] = e
+        return relax(result.system, pot, params=p, fmax=FMAX).energy
+
+    energies = jax.vmap(energy)(eps)
+    np.testing.assert_allclose(energies, np.asarray(eps) / 0.0104 * float(result.energy), rtol=1e-9)
+    grads = jax.vmap(jax.grad(energy))(eps)
+    np.testing.assert_allclose(grads, float(result.energy) / 0.0104, rtol=1e-8)
+
+
+def test_relax_cell_derivatives_are_refused_clearly():
+    system = read("data/si_diamond.cif")
+    pot = LennardJones(sigma=2.0, epsilon=0.1)
+    with pytest.raises(NotImplementedError, match="relax_cell"):
+        jax.grad(lambda p: relax(system, pot, params=p, relax_cell=True).energy)(pot.params)
