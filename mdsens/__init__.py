@@ -19,6 +19,23 @@ from mdsens.implicit import (  # noqa: E402
     root_jvp,
     root_vjp,
 )
-from mdsens.md.system import StructureError, System  # noqa: E402
+from mdsens.md import (  # noqa: E402
+    NearSingularWarning,
+    NotConvergedWarning,
+    RelaxError,
+    RelaxResult,
+    SaddlePointError,
+    Sensitivity,
+    StructureError,
+    StructureFileError,
+    System,
+    make_relax,
+    observable_gradient,
+    potentials,
+    read,
+    relax,
+    sensitivity,
+    write,
+)
 
 __version__ = "0.1.0"

@@ -1,3 +1,12 @@
-"""Physics layer: systems, potentials, relaxation, sensitivities (a client of `implicit`)."""
+"""Physics layer: systems, potentials, relaxation, sensitivities.
 
+A client of :mod:`mdsens.implicit`, used exactly the way user code would use it.
+"""
+
+from mdsens.md import neighbors, potentials, zero_modes
+from mdsens.md.implicit_relax import relax, rigid_null_space
+from mdsens.md.io import StructureFileError, read, write
+from mdsens.md.relax import NotConvergedWarning, RelaxError, RelaxResult, make_relax
+from mdsens.md.sensitivity import Sensitivity, observable_gradient, sensitivity
 from mdsens.md.system import StructureError, System
+from mdsens.md.zero_modes import NearSingularWarning, SaddlePointError
