@@ -1,0 +1,440 @@
+"""The ``mdsens`` command.
+
+    mdsens relax FILE --potential lj --param sigma=3.4 --param epsilon=0.0104 \\
+                 [--fmax 1e-6] [--max-steps N] [--method fire] [--relax-cell] [-o OUT]
+    mdsens info FILE
+    mdsens demo [-o DIR]
+
+User errors (unknown potential, bad ``--param``, unreadable file, a structure the
+potential cannot handle) print one line ``mdsens: error: ...`` on stderr and exit with
+status 2; a relaxation that does not converge prints its (honest) numbers and exits
+with status 1. ``main(argv)`` returns the exit status, so tests call it directly.
+
+``mdsens demo`` is a list of *sections* (:data:`DEMO_SECTIONS`), each a function
+``section(ctx)`` run in order with a shared :class:`DemoContext`; the first relaxes the
+bundled structures and stores the results in ``ctx.results``. Later features append a
+section (e.g. sensitivities of those relaxed structures) without touching the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, TextIO
+
+#: The repository's bundled structures (``data/``; see ``data/README.md``).
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+# ----------------------------------------------------------------------- potentials
+@dataclasses.dataclass(frozen=True)
+class PotentialSpec:
+    """How the command line builds a potential: name, constructor, units, help."""
+
+    name: str
+    factory: Callable
+    energy_unit: str
+    length_unit: str
+    help: str
+
+
+def _tersoff(file=None, **kwargs):
+    from mdsens.md.potentials import Tersoff
+
+    if kwargs:
+        raise TypeError(f"unexpected parameters {sorted(kwargs)}")
+    return Tersoff.silicon() if file is None else Tersoff.from_lammps(file)
+
+
+def _potential_specs() -> dict:
+    from mdsens.md import potentials as P
+
+    specs = [
+        PotentialSpec("lj", P.LennardJones, "eV", "Å", "Lennard-Jones, ASE smooth cutoff: sigma, epsilon, r_cutoff, r_onset"),
+        PotentialSpec("soft-sphere", P.SoftSphere, "", "", "soft spheres, reduced units: sigma, epsilon, alpha"),
+        PotentialSpec("morse", P.Morse, "eV", "Å", "Morse, ASE conventions: epsilon, r0, rho0, rcut1, rcut2"),
+        PotentialSpec("sw", P.StillingerWeber, "eV", "Å", "Stillinger-Weber, silicon defaults"),
+        PotentialSpec("tersoff", _tersoff, "eV", "Å", "Tersoff Si(C) from data/potentials (or --param file=PATH)"),
+    ]
+    return {s.name: s for s in specs}
+
+
+POTENTIAL_ALIASES = {"lennard-jones": "lj", "softsphere": "soft-sphere", "soft_sphere": "soft-sphere",
+                     "stillinger-weber": "sw"}
+
+
+def parse_param(text: str):
+    """``"key=value"`` -> ``(key, value)``; value is a float, or ``A:1.0,B:1.4`` (per species),
+    or (for ``file``) a path.
+
+    Raises:
+      CLIError: not of the form ``key=value`` or a value that is not a number.
+    """
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value:
+        raise CLIError(f"--param {text!r}: expected key=value, e.g. --param sigma=3.4")
+    if key == "file":
+        return key, value
+    try:
+        if ":" in value:
+            out = {}
+            for item in value.split(","):
+                sym, _, num = item.partition(":")
+                out[sym.strip()] = float(num)
+            return key, out
+        return key, float(value)
+    except ValueError:
+        raise CLIError(
+            f"--param {text!r}: {value!r} is not a number (use key=1.5, or key=A:1.0,B:1.4 "
+            "for per-species values)"
+        ) from None
+
+
+def build_potential(name: str, params: List[str]):
+    """``(PotentialSpec, potential)`` from a name and ``key=value`` strings.
+
+    Raises:
+      CLIError: unknown potential, malformed or unknown parameter, invalid values.
+    """
+    from mdsens.md.potentials import PotentialError
+
+    specs = _potential_specs()
+    key = POTENTIAL_ALIASES.get(name.lower(), name.lower())
+    if key not in specs:
+        raise CLIError(f"unknown potential {name!r}; choose one of: {', '.join(specs)}")
+    spec = specs[key]
+    kwargs = dict(parse_param(p) for p in params)
+    if any(isinstance(v, dict) for v in kwargs.values()) and key in ("lj", "soft-sphere", "morse"):
+        symbols = sorted({s for v in kwargs.values() if isinstance(v, dict) for s in v})
+        kwargs.setdefault("symbols", tuple(symbols))
+    try:
+        return spec, spec.factory(**kwargs)
+    except TypeError as err:
+        allowed = [p for p in inspect.signature(spec.factory).parameters if p not in ("self", "symbols", "kwargs")]
+        raise CLIError(
+            f"potential {key!r} does not take {sorted(set(kwargs) - set(allowed) - {'symbols'}) or err}; "
+            f"its parameters are: {', '.join(allowed)}"
+        ) from None
+    except (PotentialError, ValueError, OSError) as err:
+        raise CLIError(f"potential {key!r}: {err}") from None
+
+
+# ------------------------------------------------------------------------ structures
+def load(path: str):
+    """Read a structure, turning I/O and structure problems into :class:`CLIError`."""
+    from mdsens.md.io import read
+    from mdsens.md.system import StructureError
+
+    try:
+        return read(path)
+    except FileNotFoundError as err:
+        raise CLIError(str(err).rstrip(".") + ".") from None
+    except StructureError as err:
+        raise CLIError(str(err)) from None
+
+
+def _species_summary(system) -> str:
+    import numpy as np
+
+    counts = np.bincount(np.asarray(system.species), minlength=len(system.symbols))
+    return ", ".join(f"{s}: {int(c)}" for s, c in zip(system.symbols, counts) if c)
+
+
+def _units(spec: Optional[PotentialSpec]):
+    if spec is None or not spec.energy_unit:
+        return "", "", ""
+    return f" {spec.energy_unit}", f" {spec.energy_unit}/{spec.length_unit}", f" {spec.energy_unit}/{spec.length_unit}^3"
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_info(args, out: TextIO) -> int:
+    import numpy as np
+
+    system = load(args.file)
+    kind = "periodic" if system.pbc else "free (no cell)"
+    lines = [
+        ("file", args.file),
+        ("atoms", str(system.n_atoms)),
+        ("dimension", f"{system.dim}D"),
+        ("species", _species_summary(system)),
+        ("boundary", kind),
+    ]
+    if system.pbc:
+        cell = np.asarray(system.cell)
+        rows = ["[" + " ".join(f"{x:10.5f}" for x in row) + "]" for row in cell]
+        lines.append(("cell", rows[0]))
+        lines += [("", r) for r in rows[1:]]
+        lengths = np.linalg.norm(cell, axis=1)
+        lines.append(("lengths", " ".join(f"{x:.5f}" for x in lengths)))
+        volume = float(system.volume)
+        unit = "Å^3" if system.dim == 3 else "(length unit)^2"
+        lines.append(("volume" if system.dim == 3 else "area", f"{volume:.6g} {unit}"))
+        lines.append(("number density", f"{system.n_atoms / volume:.6g} per {unit}"))
+        mass = _mass_amu(system)
+        if mass is not None and system.dim == 3:
+            from ase.units import _amu
+
+            grams_per_cm3 = mass * _amu * 1e3 / (volume * 1e-24)
+            lines.append(("mass density", f"{grams_per_cm3:.6g} g/cm^3"))
+    else:
+        R = np.asarray(system.positions)
+        extent = R.max(axis=0) - R.min(axis=0)
+        lines.append(("extent", " ".join(f"{x:.5f}" for x in extent) + " (bounding box)"))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{width}}  {v}", file=out)
+    return 0
+
+
+def _mass_amu(system) -> Optional[float]:
+    from ase.data import atomic_masses, atomic_numbers
+
+    try:
+        masses = [atomic_masses[atomic_numbers[s]] for s in system.chemical_symbols]
+    except KeyError:
+        return None  # reduced-unit labels
+    return float(sum(masses))
+
+
+def _relax_quietly(system, pot, **kwargs):
+    """``relax`` with warnings turned into returned strings (printed as one line each)."""
+    from mdsens.md.relax import relax
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        result = relax(system, pot, **kwargs)
+        elapsed = time.perf_counter() - t0
+    notes = [str(w.message) for w in caught if issubclass(w.category, Warning)
+             and not issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    return result, elapsed, notes
+
+
+def _run_relax(system, pot, **kwargs):
+    """Relax, turning user-facing errors into :class:`CLIError`."""
+    from mdsens.md.potentials import PotentialError
+    from mdsens.md.relax import RelaxError
+    from mdsens.md.system import StructureError
+
+    try:
+        return _relax_quietly(system, pot, **kwargs)
+    except (PotentialError, RelaxError, StructureError) as err:
+        raise CLIError(str(err)) from None
+
+
+def cmd_relax(args, out: TextIO, err: TextIO) -> int:
+    import numpy as np
+
+    system = load(args.file)
+    spec, pot = build_potential(args.potential, args.param)
+    e_unit, f_unit, s_unit = _units(spec)
+    result, elapsed, notes = _run_relax(
+        system, pot, fmax=args.fmax, max_steps=args.max_steps, method=args.method,
+        relax_cell=args.relax_cell, progress=False if args.no_progress else None,
+    )
+    energy = float(result.energy)
+    rows = [
+        ("structure", f"{args.file} (N={system.n_atoms}, {'periodic' if system.pbc else 'free'}, {_species_summary(system)})"),
+        ("potential", f"{type(pot).__name__} ({spec.name})"),
+        ("method", args.method + (" + cell" if args.relax_cell else "")),
+        ("energy", f"{energy:.10g}{e_unit}  ({energy / system.n_atoms:.10g}{e_unit}/atom)"),
+        ("fmax", f"{result.fmax:.3e}{f_unit}  (target {args.fmax:g})"),
+        ("steps", str(result.steps)),
+        ("converged", "yes" if result.converged else "NO"),
+        ("time", f"{elapsed:.2f} s (including JIT compilation)"),
+    ]
+    if args.relax_cell and result.stress is not None:
+        rows.insert(5, ("max |stress|", f"{float(np.max(np.abs(np.asarray(result.stress)))):.3e}{s_unit}"))
+        cell = np.asarray(result.system.cell)
+        rows.insert(6, ("cell lengths", " ".join(f"{x:.6f}" for x in np.linalg.norm(cell, axis=1))))
+    if args.output:
+        from mdsens.md.io import StructureFileError, write
+
+        try:
+            write(args.output, result.system, info={"energy": energy})
+        except (StructureFileError, OSError) as exc:
+            raise CLIError(str(exc)) from None
+        rows.append(("written", args.output))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}", file=out)
+    for note in notes:
+        print(f"mdsens: warning: {note}", file=err)
+    return 0 if result.converged else 1
+
+
+# ------------------------------------------------------------------------------- demo
+@dataclasses.dataclass(frozen=True)
+class DemoCase:
+    """One bundled structure relaxed by ``mdsens demo``."""
+
+    label: str
+    file: str  # relative to DATA_DIR
+    potential: str  # a name for the table
+    make_potential: Callable
+    options: dict
+
+
+def _demo_cases() -> List[DemoCase]:
+    from mdsens.md import potentials as P
+
+    return [
+        DemoCase("LJ13 Ar cluster", "lj13_ar.xyz", "LJ Ar (rc = 3σ)",
+                 lambda: P.LennardJones(sigma=3.4, epsilon=0.0104), dict(fmax=1e-6)),
+        DemoCase("fcc Ar + vacancy", "ar_fcc_vacancy.xyz", "LJ Ar (rc = 3σ)",
+                 lambda: P.LennardJones(sigma=3.4, epsilon=0.0104), dict(fmax=1e-6)),
+        DemoCase("diamond Si (+cell)", "si_diamond_2x2x2.vasp", "Stillinger-Weber",
+                 lambda: P.StillingerWeber(), dict(fmax=1e-5, relax_cell=True)),
+        DemoCase("diamond Si (+cell)", "si_diamond_2x2x2.vasp", "Tersoff Si(C)",
+                 lambda: P.Tersoff.silicon(), dict(fmax=1e-5, relax_cell=True)),
+        DemoCase("2D soft spheres", "soft_spheres_2d.xyz", "SoftSphere 1.0/1.4",
+                 lambda: P.SoftSphere(sigma={"A": 1.0, "B": 1.4}), dict(fmax=1e-8, max_steps=50_000)),
+    ]
+
+
+@dataclasses.dataclass
+class DemoContext:
+    """What demo sections share: options, output stream, and the relaxations done.
+
+    ``results``: list of ``(DemoCase, System start, potential, RelaxResult, seconds)``.
+    """
+
+    args: argparse.Namespace
+    out: TextIO
+    err: TextIO
+    results: list = dataclasses.field(default_factory=list)
+    failed: bool = False
+
+
+def demo_relaxations(ctx: DemoContext) -> None:
+    """Section 1: relax every bundled structure and print one table row each."""
+    from mdsens.md.io import write
+
+    print("Relaxation of the bundled structures (data/, see data/README.md)", file=ctx.out)
+    print("criterion: max atomic force norm < fmax (ASE's), confirmed with fresh neighbor lists; "
+          "+cell: zero-stress cell too", file=ctx.out)
+    headers = ["structure", "potential", "N", "E/atom", "fmax", "target", "steps", "converged", "time [s]"]
+    rows = []
+    for case in _demo_cases():
+        path = DATA_DIR / case.file
+        if not path.exists():
+            raise CLIError(f"bundled structure {path} not found; run from a clone of the repository "
+                           "(pip install -e .) or regenerate it with `python data/make_data.py`")
+        system = load(str(path))
+        pot = case.make_potential()
+        result, elapsed, notes = _run_relax(system, pot, progress=False, **case.options)
+        for note in notes:
+            print(f"mdsens: warning: {case.label}: {note}", file=ctx.err)
+        ctx.results.append((case, system, pot, result, elapsed))
+        ctx.failed |= not result.converged
+        rows.append([
+            case.label, case.potential, system.n_atoms,
+            f"{float(result.energy) / system.n_atoms:.7g}", f"{result.fmax:.1e}",
+            f"{case.options['fmax']:.0e}", result.steps, "yes" if result.converged else "NO",
+            f"{elapsed:.2f}",
+        ])
+        if ctx.args.output_dir:
+            os.makedirs(ctx.args.output_dir, exist_ok=True)
+            stem = Path(case.file).stem
+            tag = case.potential.split()[0].lower().replace("-", "_")
+            write(os.path.join(ctx.args.output_dir, f"{stem}_{tag}_relaxed.xyz"), result.system,
+                  info={"energy": float(result.energy)})
+    print(_table(headers, rows), file=ctx.out)
+    print("E/atom in eV (soft spheres: reduced units); time includes JIT compilation.", file=ctx.out)
+
+
+#: Sections of ``mdsens demo``, run in order. Append ``f(ctx: DemoContext) -> None``.
+DEMO_SECTIONS: List[Callable[[DemoContext], None]] = [demo_relaxations]
+
+
+def cmd_demo(args, out: TextIO, err: TextIO) -> int:
+    ctx = DemoContext(args=args, out=out, err=err)
+    for i, section in enumerate(DEMO_SECTIONS):
+        if i:
+            print(file=out)
+        section(ctx)
+    return 1 if ctx.failed else 0
+
+
+def _table(headers, rows) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = ["l", "l"] + ["r"] * (len(headers) - 2)
+
+    def line(r):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+# ----------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main`` controls the exit status."""
+
+    def error(self, message):
+        raise CLIError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mdsens", description="Relax atomistic structures and study their sensitivities (JAX, jax-md, ASE).")
+    sub = parser.add_subparsers(dest="command", metavar="{relax,info,demo}", parser_class=_Parser)
+
+    p = sub.add_parser("relax", help="relax a structure file with a potential")
+    p.add_argument("file", help="structure file (any format ASE reads: xyz, extxyz, POSCAR, cif, ...)")
+    p.add_argument("--potential", "-p", required=True,
+                   help="lj | soft-sphere | morse | sw | tersoff")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="potential parameter, repeatable (e.g. sigma=3.4; per species: sigma=A:1.0,B:1.4)")
+    p.add_argument("--fmax", type=float, default=1e-6, help="force criterion, max atomic |F| (default 1e-6)")
+    p.add_argument("--max-steps", type=int, default=20_000, help="iteration budget (default 20000)")
+    p.add_argument("--method", choices=["fire", "gradient_descent"], default="fire")
+    p.add_argument("--relax-cell", action="store_true", help="also relax the cell to zero stress")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument("-o", "--output", help="write the relaxed structure (format from the name)")
+
+    p = sub.add_parser("info", help="print a summary of a structure file")
+    p.add_argument("file")
+
+    p = sub.add_parser("demo", help="relax the bundled structures (the main job) and print a table")
+    p.add_argument("-o", "--output-dir", help="also write the relaxed structures here")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 not converged, 2 user error)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(out)
+            return 2
+        import mdsens  # noqa: F401  (float64 before any physics)
+
+        if args.command == "info":
+            return cmd_info(args, out)
+        if args.command == "relax":
+            return cmd_relax(args, out, err)
+        return cmd_demo(args, out, err)
+    except CLIError as exc:
+        print(f"mdsens: error: {exc}", file=err)
+        return 2
+    except KeyboardInterrupt:
+        print("mdsens: interrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
