@@ -11,16 +11,23 @@ p = 1000 and under-determined (where ridge is needed) at p = 10,000, with X capp
 on 2 cores. ``X`` has i.i.d. N(0, 1/n) entries, ``y = X x_true + 0.1 ε``, λ = 1, so
 ``XᵀX + λI`` has condition number ≲ 20 at every size.
 
-The inner solver (what produces x*) is the same everywhere: conjugate gradient on the
-normal equations ``(XᵀX + λI) x = Xᵀy`` to relative residual 1e-12, with ``X`` and
-``y`` passed as arguments (not closed over), as a user would. Methods timed:
+Two inner solvers produce x*, both to ``‖F(x)‖ ≤ 1e-12 ‖F(0)‖``, with ``X`` and ``y``
+passed as arguments (not closed over), as a user would:
+
+* **CG** on the normal equations ``(XᵀX + λI) x = Xᵀy`` (mdsens's CG): ≈ 10-30 iterations;
+* **GD**, gradient descent with step 1/L: ≈ 60-110 iterations, the regime of a
+  relaxation (many cheap steps). Default up to p = 1000 (``--gd-max-p``).
+
+Methods timed for each inner solver:
 
 * **mdsens**: ``mdsens.custom_root(F, solve=cg(tol=1e-10), symmetric=True)``;
   ``jax.jacfwd`` (dx*/dλ, one solve), ``jax.jacrev`` (dx*/dλ, p solves) and
-  ``jax.grad`` of the scalar loss ``L = ½‖x*(λ) − x_true‖²`` (one solve).
-* **unrolled**: the same CG written with ``lax.fori_loop`` for exactly the number of
-  iterations the inner CG needed (so it reaches the same residual), differentiated by
-  JAX autodiff in the same three ways.
+  ``jax.grad`` of the scalar loss ``L = ½‖x*(λ) − x_true‖²`` (one solve). Also the same
+  with ``on_solve_failure="ignore"``, which drops the convergence check (a
+  ``jax.debug.callback``) to show what it costs.
+* **unrolled**: the same inner iterations written with ``lax.fori_loop`` for exactly the
+  number of iterations the inner solver needed (so it reaches the same residual),
+  differentiated by JAX autodiff in the same three ways.
 * **jaxopt** (only if importable; the benchmark venv has it, mdsens never imports it):
   ``jaxopt.implicit_diff.custom_root`` with its default linear solve (normal-equation CG,
   jax's default tol 1e-5) and with ``jaxopt.linear_solve.solve_cg(tol=1e-10)``.
@@ -28,10 +35,10 @@ normal equations ``(XᵀX + λI) x = Xᵀy`` to relative residual 1e-12, with ``
   once and reported as unsupported.
 
 Every timed function is jitted and includes the inner solve (a derivative of x* is never
-free of computing x*); the "solve only" row gives that part alone. Times are medians of
+free of computing x*); the "inner ... alone" row gives that part alone. Times are medians of
 repeated calls after a separate compile (``lower().compile()``, reported) and one
 warm-up call; see ``_common.time_jitted``. Ratios are ``time / time of the mdsens row
-computing the same quantity`` (jacfwd for dx*/dλ, grad for dL/dλ). Errors are relative
+(same inner solver) computing the same quantity`` (jacfwd for dx*/dλ, grad for dL/dλ). Errors are relative
 (2-norm) against the closed form computed in NumPy (dense solve of the p×p or, for
 n < p, the n×n push-through system).
 
@@ -39,7 +46,7 @@ Usage::
 
     .venv-bench/bin/python benchmarks/core.py                 # default, ~3-5 min on 2 cores
     .venv-bench/bin/python benchmarks/core.py --json out/core.json
-    .venv-bench/bin/python benchmarks/core.py --full          # 10 repeats, adds p = 30,000
+    .venv-bench/bin/python benchmarks/core.py --full          # 10 repeats, p = 30,000, GD to 10,000
     python benchmarks/core.py --smoke                          # p = 10, 1 repeat (CI)
 """
 
@@ -74,13 +81,15 @@ except ImportError:  # pragma: no cover - depends on the venv
 INNER_TOL = 1e-12   # inner CG (produces x*)
 DIFF_TOL = 1e-10    # implicit-differentiation linear solve (mdsens and jaxopt solve_cg)
 
-MDSENS = "mdsens custom_root, CG"
-MDSENS_UNCHECKED = "  same, on_solve_failure='ignore'"
-UNROLLED = "unrolled CG (autodiff)"
-JAXOPT_DEFAULT = "jaxopt custom_root, default solve"
-JAXOPT_CG = "jaxopt custom_root, solve_cg"
+GD_MAXITER = 100_000
 
-TABLE_HEADERS = ["quantity", "method", "mode", "median ms", "x mdsens", "compile s", "rel. error", "reps",
+MDSENS = "mdsens custom_root(solve=cg)"
+MDSENS_UNCHECKED = "  same, on_solve_failure='ignore'"
+UNROLLED = "unrolled inner solver (autodiff)"
+JAXOPT_DEFAULT = "jaxopt custom_root (default solve)"
+JAXOPT_CG = "jaxopt custom_root(solve=solve_cg)"
+
+TABLE_HEADERS = ["inner", "quantity", "method", "mode", "median ms", "x mdsens", "compile s", "rel. error", "reps",
                  "note"]
 
 
@@ -98,18 +107,20 @@ def make_problem(p, n, seed=0):
 
 
 def closed_form(X, y, lam, x_true):
-    """x*, dx*/dλ and dL/dλ from dense float64 NumPy linear algebra."""
+    """x*, dx*/dλ, dL/dλ and the Lipschitz constant L of F from dense float64 NumPy."""
     n, p = X.shape
     if n >= p:
         A = X.T @ X + lam * np.eye(p)
         inv = lambda v: np.linalg.solve(A, v)  # noqa: E731
+        lipschitz = float(np.linalg.eigvalsh(A)[-1])
     else:  # (XᵀX + λI)⁻¹ v = (v − Xᵀ (XXᵀ + λI)⁻¹ X v) / λ, an n×n solve
         K = X @ X.T + lam * np.eye(n)
         inv = lambda v: (v - X.T @ np.linalg.solve(K, X @ v)) / lam  # noqa: E731
+        lipschitz = float(np.linalg.eigvalsh(K)[-1])
     x = inv(X.T @ y)
     J = -inv(x)
     g = float((x - x_true) @ J)
-    return x, J, g
+    return x, J, g, lipschitz
 
 
 def rel_err(a, b):
@@ -118,7 +129,8 @@ def rel_err(a, b):
 
 
 # ----------------------------------------------------------------------------------
-# Solvers
+# Inner solvers: each stops at ‖F(x)‖ ≤ INNER_TOL ‖F(0)‖ (F(0) = −Xᵀy), and has an
+# unrolled twin that runs a fixed number of the same iterations under autodiff.
 # ----------------------------------------------------------------------------------
 
 
@@ -127,23 +139,20 @@ def F(x, lam, X, y):
     return X.T @ (X @ x - y) + lam * x
 
 
-def inner_cg(init, lam, X, y):
-    """The inner solver every implicit method wraps: CG on the normal equations."""
-    x, _ = ms.linear_solve.cg(lambda v: X.T @ (X @ v) + lam * v, X.T @ y, tol=INNER_TOL, x0=init)
-    return x
+def _normal_matvec(lam, X):
+    return lambda v: X.T @ (X @ v) + lam * v
 
 
-def inner_iterations(lam, X, y):
-    """Iterations the inner CG needs from x0 = 0 (the unrolled solver runs exactly as many)."""
-    _, info = jax.jit(lambda lam, X, y: ms.linear_solve.cg(
-        lambda v: X.T @ (X @ v) + lam * v, X.T @ y, tol=INNER_TOL))(lam, X, y)
-    return int(info.iterations)
+def cg_solve(init, lam, X, y):
+    """CG on the normal equations (mdsens's own CG); returns ``(x, iterations)``."""
+    x, info = ms.linear_solve.cg(_normal_matvec(lam, X), X.T @ y, tol=INNER_TOL, x0=init)
+    return x, info.iterations
 
 
-def unrolled_cg(lam, X, y, iters):
+def cg_unrolled(lam, X, y, iters):
     """Plain CG from zero for a fixed number of iterations, differentiable by autodiff."""
     b = X.T @ y
-    matvec = lambda v: X.T @ (X @ v) + lam * v  # noqa: E731
+    matvec = _normal_matvec(lam, X)
 
     def body(_, state):
         x, r, d, rr = state
@@ -155,48 +164,64 @@ def unrolled_cg(lam, X, y, iters):
         d = r + (rr_new / rr) * d
         return x, r, d, rr_new
 
-    x0 = jnp.zeros_like(b)
-    x, *_ = lax.fori_loop(0, iters, body, (x0, b, b, jnp.vdot(b, b)))
+    x, *_ = lax.fori_loop(0, iters, body, (jnp.zeros_like(b), b, b, jnp.vdot(b, b)))
     return x
 
 
-mdsens_solver = ms.custom_root(
-    F, solve=functools.partial(ms.linear_solve.cg, tol=DIFF_TOL), symmetric=True)(inner_cg)
-# The same without the convergence check (a jax.debug.callback per linear solve): shows
-# what the check costs.
-mdsens_unchecked_solver = ms.custom_root(
-    F, solve=functools.partial(ms.linear_solve.cg, tol=DIFF_TOL), symmetric=True,
-    on_solve_failure="ignore")(inner_cg)
+def make_gd(step):
+    """Gradient descent ``x ← x − step·F(x)`` (step 1/L), the relax-like inner solver."""
 
-if jaxopt is not None:
-    jaxopt_default_solver = jaxopt.implicit_diff.custom_root(F)(inner_cg)
-    jaxopt_cg_solver = jaxopt.implicit_diff.custom_root(
-        F, solve=functools.partial(jaxopt.linear_solve.solve_cg, tol=DIFF_TOL))(inner_cg)
+    def solve(init, lam, X, y):
+        threshold = INNER_TOL * jnp.linalg.norm(X.T @ y)
+
+        def cond(s):
+            return (jnp.linalg.norm(s[1]) > threshold) & (s[2] < GD_MAXITER)
+
+        def body(s):
+            x = s[0] - step * s[1]
+            return x, F(x, lam, X, y), s[2] + 1
+
+        x, _, k = lax.while_loop(cond, body, (init, F(init, lam, X, y), 0))
+        return x, k
+
+    def unrolled(lam, X, y, iters):
+        body = lambda _, x: x - step * F(x, lam, X, y)  # noqa: E731
+        return lax.fori_loop(0, iters, body, jnp.zeros(X.shape[1], X.dtype))
+
+    return solve, unrolled
 
 
 def loss_of(x, x_true):
     return 0.5 * jnp.sum((x - x_true) ** 2)
 
 
-def implicit_methods(solver):
-    """(jacfwd, jacrev, grad) of an implicit solver, as functions of (λ, X, y, x_true)."""
-    def sol(lam, X, y):
-        return solver(jnp.zeros(X.shape[1], X.dtype), lam, X, y)
-
+def _modes(sol):
+    """jacfwd, jacrev and grad of ``sol(λ, X, y)`` as functions of ``(λ, X, y, x_true)``."""
     return {
+        "solve": lambda lam, X, y, t: sol(lam, X, y),
         "jacfwd": lambda lam, X, y, t: jax.jacfwd(sol)(lam, X, y),
         "jacrev": lambda lam, X, y, t: jax.jacrev(sol)(lam, X, y),
         "grad": lambda lam, X, y, t: jax.grad(lambda l: loss_of(sol(l, X, y), t))(lam),
     }
 
 
-def unrolled_methods(iters):
-    sol = lambda lam, X, y: unrolled_cg(lam, X, y, iters)  # noqa: E731
-    return {
-        "jacfwd": lambda lam, X, y, t: jax.jacfwd(sol)(lam, X, y),
-        "jacrev": lambda lam, X, y, t: jax.jacrev(sol)(lam, X, y),
-        "grad": lambda lam, X, y, t: jax.grad(lambda l: loss_of(sol(l, X, y), t))(lam),
-    }
+def implicit_modes(decorator, solve):
+    """Modes of ``decorator(inner)``, e.g. ``mdsens.custom_root(F, ...)``; x0 = 0."""
+    solver = decorator(lambda init, lam, X, y: solve(init, lam, X, y)[0])
+    return _modes(lambda lam, X, y: solver(jnp.zeros(X.shape[1], X.dtype), lam, X, y))
+
+
+DECORATORS = {
+    MDSENS: ms.custom_root(F, solve=functools.partial(ms.linear_solve.cg, tol=DIFF_TOL), symmetric=True),
+    # The same without the convergence check (one jax.debug.callback per linear solve):
+    # shows what the check costs.
+    MDSENS_UNCHECKED: ms.custom_root(F, solve=functools.partial(ms.linear_solve.cg, tol=DIFF_TOL),
+                                     symmetric=True, on_solve_failure="ignore"),
+}
+if jaxopt is not None:
+    DECORATORS[JAXOPT_DEFAULT] = jaxopt.implicit_diff.custom_root(F)
+    DECORATORS[JAXOPT_CG] = jaxopt.implicit_diff.custom_root(
+        F, solve=functools.partial(jaxopt.linear_solve.solve_cg, tol=DIFF_TOL))
 
 
 # ----------------------------------------------------------------------------------
@@ -204,81 +229,85 @@ def unrolled_methods(iters):
 # ----------------------------------------------------------------------------------
 
 
+def plan(inner, p, args):
+    """(method, mode) pairs to time for an inner solver at size p, or a skip reason."""
+    rows = [(MDSENS, "jacfwd"), (MDSENS, "jacrev"), (MDSENS_UNCHECKED, "jacfwd"),
+            (MDSENS_UNCHECKED, "jacrev"), (UNROLLED, "jacfwd"), (UNROLLED, "jacrev"),
+            (JAXOPT_CG, "jacrev"), (JAXOPT_CG, "jacfwd"),
+            (MDSENS, "grad"), (MDSENS_UNCHECKED, "grad"), (UNROLLED, "grad"),
+            (JAXOPT_DEFAULT, "grad"), (JAXOPT_CG, "grad")]
+    if inner == "GD":  # a smaller set: the point is the regime of many inner iterations
+        rows = [(MDSENS, "jacfwd"), (UNROLLED, "jacfwd"), (UNROLLED, "jacrev"),
+                (MDSENS, "grad"), (UNROLLED, "grad"), (JAXOPT_CG, "grad")]
+    out = []
+    for method, mode in rows:
+        skip = None
+        if method.startswith("jaxopt") and (jaxopt is None or args.no_jaxopt):
+            continue
+        if method == MDSENS_UNCHECKED and args.smoke:
+            continue
+        if method.startswith("jaxopt") and mode == "jacfwd" and p != min(args.sizes):
+            continue  # shown once: it is unsupported
+        if mode == "jacrev" and p > (args.jacrev_max_p if inner == "CG" else args.gd_jacrev_max_p):
+            skip = "p solves, skipped at this p"
+        elif mode == "jacrev" and method == MDSENS and p > args.checked_jacrev_max_p:
+            # jax unrolls a vmapped jax.debug.callback once per batch element, so the
+            # convergence check makes compile time grow with p (206 s at p = 1000 on 2 cores).
+            skip = "compile time O(p), skipped at this p"
+        out.append((method, mode, skip))
+    return out
+
+
 def bench_size(p, n, lam, args, log):
     """All methods at one size; returns a list of result records (dicts)."""
     Xn, yn, tn = make_problem(p, n)
     t0 = time.perf_counter()
-    x_ref, J_ref, g_ref = closed_form(Xn, yn, lam, tn)
+    x_ref, J_ref, g_ref, lipschitz = closed_form(Xn, yn, lam, tn)
     log(f"  closed form: {time.perf_counter() - t0:.1f} s")
+    refs = {"solve": x_ref, "jacfwd": J_ref, "jacrev": J_ref, "grad": np.asarray(g_ref)}
+    quantity = {"solve": "x*", "jacfwd": "dx*/dλ", "jacrev": "dx*/dλ", "grad": "dL/dλ"}
     lam_j = jnp.asarray(lam, jnp.float64)
     X, y, t = jnp.asarray(Xn), jnp.asarray(yn), jnp.asarray(tn)
-    iters = inner_iterations(lam_j, X, y)
-    log(f"  inner CG: {iters} iterations to {INNER_TOL:g}")
     targs = (lam_j, X, y, t)
     timing_kw = dict(repeats=args.repeats, min_repeats=args.min_repeats, max_seconds=args.max_seconds)
 
+    inners = [("CG", cg_solve, cg_unrolled)]
+    if p <= args.gd_max_p:
+        inners.append(("GD", *make_gd(1.0 / lipschitz)))
+
     records = []
+    for inner, solve, unrolled in inners:
+        iters = int(jax.jit(solve)(jnp.zeros(p), lam_j, X, y)[1])
+        log(f"  inner {inner}: {iters} iterations to {INNER_TOL:g}")
+        base = dict(p=p, n=n, lam=lam, inner=inner, inner_iterations=iters)
+        modes = {m: implicit_modes(DECORATORS[m], solve) for m in DECORATORS}
+        modes[UNROLLED] = _modes(functools.partial(unrolled, iters=iters))
+        todo = [(f"inner {inner} alone", "solve", None)] + plan(inner, p, args)
+        for method, mode, skip in todo:
+            rec = dict(base, quantity=quantity[mode], method=method, mode=mode)
+            records.append(rec)
+            if skip:
+                rec["skipped"] = skip
+                continue
+            fun = (lambda lam, X, y, t: solve(jnp.zeros_like(t), lam, X, y)[0]) if mode == "solve" \
+                else modes[method][mode]
+            log(f"  {inner} {rec['quantity']:7s} {method:34s} {mode:7s} ...", end="")
+            try:
+                timing, out = time_jitted(fun, *targs, **timing_kw)
+            except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+                log(f" FAILED {rec['error']}")
+                continue
+            rec.update(timing.as_dict(), rel_error=rel_err(out, refs[mode]))
+            log(f" {fmt_ms(timing.median_s)} ms (compile {timing.compile_s:.2f} s, "
+                f"err {fmt_err(rec['rel_error'])})")
 
-    def record(quantity, method, mode, fun, ref, note=""):
-        log(f"  {quantity:8s} {method:34s} {mode:7s} ...", end="")
-        try:
-            timing, out = time_jitted(fun, *targs, **timing_kw)
-        except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
-            log(f" FAILED {msg}")
-            records.append(dict(p=p, n=n, lam=lam, quantity=quantity, method=method, mode=mode,
-                                error=msg, note=note))
-            return
-        err = None if ref is None else rel_err(out, ref)
-        log(f" {fmt_ms(timing.median_s)} ms (compile {timing.compile_s:.2f} s, err {fmt_err(err)})")
-        records.append(dict(p=p, n=n, lam=lam, inner_iterations=iters, quantity=quantity,
-                            method=method, mode=mode, rel_error=err, note=note, **timing.as_dict()))
-
-    zeros = lambda X: jnp.zeros(X.shape[1], X.dtype)  # noqa: E731
-    record("x*", "inner CG (no derivative)", "solve",
-           lambda lam, X, y, t: inner_cg(zeros(X), lam, X, y), x_ref)
-
-    full_jac = p <= args.jacrev_max_p
-    mds = implicit_methods(mdsens_solver)
-    unr = unrolled_methods(iters)
-    mdn = implicit_methods(mdsens_unchecked_solver)
-    jac_rows = [(MDSENS, "jacfwd", mds["jacfwd"]),
-                (MDSENS, "jacrev", mds["jacrev"]),
-                (MDSENS_UNCHECKED, "jacfwd", mdn["jacfwd"]),
-                (MDSENS_UNCHECKED, "jacrev", mdn["jacrev"]),
-                (UNROLLED, "jacfwd", unr["jacfwd"]),
-                (UNROLLED, "jacrev", unr["jacrev"])]
-    grad_rows = [(MDSENS, "grad", mds["grad"]),
-                 (MDSENS_UNCHECKED, "grad", mdn["grad"]),
-                 (UNROLLED, "grad", unr["grad"])]
-    if jaxopt is not None and not args.no_jaxopt:
-        jod, joc = implicit_methods(jaxopt_default_solver), implicit_methods(jaxopt_cg_solver)
-        jac_rows.append((JAXOPT_CG, "jacrev", joc["jacrev"]))
-        grad_rows += [(JAXOPT_DEFAULT, "grad", jod["grad"]),
-                      (JAXOPT_CG, "grad", joc["grad"])]
-        if p == min(args.sizes):
-            jac_rows.append((JAXOPT_CG, "jacfwd", joc["jacfwd"]))
-
-    for method, mode, fun in jac_rows:
-        if mode == "jacrev" and not full_jac:
-            records.append(dict(p=p, n=n, lam=lam, quantity="dx*/dλ", method=method, mode=mode,
-                                skipped=f"p solves: only p <= {args.jacrev_max_p}"))
-            continue
-        if mode == "jacrev" and method == MDSENS and p > args.checked_jacrev_max_p:
-            # jax unrolls a vmapped jax.debug.callback once per batch element, so the
-            # convergence check makes compile time grow with p (206 s at p = 1000 on 2 cores).
-            records.append(dict(p=p, n=n, lam=lam, quantity="dx*/dλ", method=method, mode=mode,
-                                skipped=f"compile O(p), only p <= {args.checked_jacrev_max_p}"))
-            continue
-        record("dx*/dλ", method, mode, fun, J_ref)
-    for method, mode, fun in grad_rows:
-        record("dL/dλ", method, mode, fun, np.asarray(g_ref))
-
-    # ratios against the mdsens row computing the same quantity
+    # ratios against the mdsens row computing the same quantity with the same inner solver
     ref_mode = {"dx*/dλ": "jacfwd", "dL/dλ": "grad"}
     for r in records:
-        ref = next((q for q in records if q["quantity"] == r["quantity"] and q.get("median_s")
-                    and q["method"] == MDSENS and q["mode"] == ref_mode.get(r["quantity"])), None)
+        ref = next((q for q in records if q["inner"] == r["inner"] and q["quantity"] == r["quantity"]
+                    and q["method"] == MDSENS and q["mode"] == ref_mode.get(r["quantity"])
+                    and q.get("median_s")), None)
         if ref is not None and r.get("median_s"):
             r["ratio_vs_mdsens"] = r["median_s"] / ref["median_s"]
     return records
@@ -287,23 +316,22 @@ def bench_size(p, n, lam, args, log):
 def size_table(records):
     rows = []
     for r in records:
+        head = [r["inner"], r["quantity"], r["method"], r["mode"]]
         if "median_s" in r:
             ratio = r.get("ratio_vs_mdsens")
-            rows.append([r["quantity"], r["method"], r["mode"], fmt_ms(r["median_s"]),
-                         "-" if ratio is None else f"{ratio:.2f}", f"{r['compile_s']:.2f}",
-                         fmt_err(r["rel_error"]), r["repeats"], r.get("note", "")])
+            rows.append(head + [fmt_ms(r["median_s"]), "-" if ratio is None else f"{ratio:.2f}",
+                                f"{r['compile_s']:.2f}", fmt_err(r["rel_error"]), r["repeats"], ""])
         else:
             why = r.get("skipped") or r.get("error", "")
             if "jvp" in why.lower() or "custom_vjp" in why:
                 why = "unsupported: jaxopt is reverse-only (custom_vjp)"
-            rows.append([r["quantity"], r["method"], r["mode"], "-", "-", "-", "-", "-", "skipped: " + why
-                         if "skipped" in r else why[:60]])
-    return format_table(TABLE_HEADERS, rows, align="lllrrrrrl")
+            rows.append(head + ["-"] * 5 + [why[:60]])
+    return format_table(TABLE_HEADERS, rows, align="llllrrrrrl")
 
 
 def summary_table(all_records, sizes):
     """Median ms (ratio to mdsens) per method/mode (rows) and p (columns)."""
-    key = lambda r: (r["quantity"], r["method"], r["mode"])  # noqa: E731
+    key = lambda r: (r["inner"], r["quantity"], r["method"], r["mode"])  # noqa: E731
     keys = list(dict.fromkeys(key(r) for r in all_records))
     rows = []
     for k in keys:
@@ -316,8 +344,8 @@ def summary_table(all_records, sizes):
                 ratio = r.get("ratio_vs_mdsens")
                 row.append(fmt_ms(r["median_s"]) + ("" if ratio is None else f" ({ratio:.2f}x)"))
         rows.append(row)
-    return format_table(["quantity", "method", "mode"] + [f"p={p}" for p in sizes], rows,
-                        align="lll" + "r" * len(sizes))
+    return format_table(["inner", "quantity", "method", "mode"] + [f"p={p}" for p in sizes], rows,
+                        align="llll" + "r" * len(sizes))
 
 
 def parse_args(argv=None):
@@ -337,21 +365,29 @@ def parse_args(argv=None):
                     help="jacrev of mdsens with its default convergence check only up to this p: "
                          "jax unrolls the check's debug callback over the p cotangents, so its "
                          "compile time grows with p (minutes at p=1000)")
+    ap.add_argument("--gd-max-p", type=int, default=None,
+                    help="also benchmark the gradient-descent inner solver up to this p "
+                         "(default 1000; 10000 with --full)")
+    ap.add_argument("--gd-jacrev-max-p", type=int, default=100,
+                    help="full reverse-mode Jacobian of unrolled GD only up to this p")
     ap.add_argument("--no-jaxopt", action="store_true", help="skip jaxopt even if importable")
     ap.add_argument("--full", action="store_true", help="10 repeats, up to 30 s per method, adds p=30000")
     ap.add_argument("--smoke", action="store_true", help="p=10, 1 repeat: a seconds-long check")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     ap.add_argument("--quiet", action="store_true", help="no progress lines, only the tables")
     args = ap.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # fewest compiles: CG inner solver only, no 'ignore' variant
         args.sizes = args.sizes or [10]
         args.repeats, args.min_repeats = args.repeats or 1, 1
+        args.gd_max_p = 0 if args.gd_max_p is None else args.gd_max_p
     if args.full:
         args.sizes = args.sizes or [10, 100, 1000, 10000, 30000]
         args.repeats = args.repeats or 10
         args.max_seconds = args.max_seconds or 30.0
     args.sizes = sorted(args.sizes or [10, 100, 1000, 10000])
     args.repeats = args.repeats or 5
+    if args.gd_max_p is None:
+        args.gd_max_p = 10000 if args.full else 1000
     args.max_seconds = args.max_seconds or 8.0
     return args
 
@@ -383,9 +419,9 @@ def main(argv=None):
         log(f"p = {p}, n = {n}:")
         records = bench_size(p, n, args.lam, args, log)
         all_records += records
-        iters = next((r["inner_iterations"] for r in records if "inner_iterations" in r), "?")
-        tables.append(f"p = {p}, n = {n}, λ = {args.lam:g}; inner CG and unrolled CG: {iters} iterations\n"
-                      + size_table(records))
+        its = ", ".join(f"{r['inner']} {r['inner_iterations']}" for r in records if r["mode"] == "solve")
+        tables.append(f"p = {p}, n = {n}, λ = {args.lam:g}; inner iterations (also run by the unrolled "
+                      f"twin): {its}\n" + size_table(records))
 
     print()
     print("\n\n".join(tables))
