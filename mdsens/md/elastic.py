@@ -1,0 +1,207 @@
+"""Clamped-ion (Born) and relaxed-ion elastic constants of a relaxed periodic structure.
+
+Definition (what is returned). With a homogeneous symmetric strain ``ε`` applied at
+fixed fractional coordinates, ``cell → cell (I + ε)``, ``R = U (I + ε)``, and Voigt
+components with **engineering shear** strains ``(ε_xx, ε_yy, ε_zz, γ_yz, γ_xz, γ_xy)``
+(``γ_ab = 2 ε_ab``; 2D: ``(ε_xx, ε_yy, γ_xy)``):
+
+* clamped-ion (Born):  ``C⁰_IJ = (1/V) ∂²E/∂ε_I∂ε_J`` at fixed ``U``;
+* relaxed-ion:         ``C_IJ = C⁰_IJ − (1/V) Λ_Iᵀ H⁺ Λ_J``, with the internal-strain
+  coupling ``Λ_I = ∂²E/∂U∂ε_I`` and ``H = ∂²E/∂U²``, i.e. the second derivative of the
+  relaxed energy ``E*(ε) = min_U E``. ``H⁺ Λ_I = −dU*/dε_I`` comes from the core's
+  ``root_jvp`` (forward mode, one solve per Voigt component, batched with ``vmap``) with
+  the translations (and any rattlers) as the null space.
+
+With this Voigt convention ``C`` is the usual matrix of ``σ_I = C_IJ ε_J`` (e.g. cubic
+``C11, C12, C44``). Units: eV/Å³ (3D) or eV/Å² (2D), per ``V`` = the cell volume (area)
+of the input structure; :meth:`ElasticConstants.to_gpa` converts 3D values with
+``ase.units.GPa``.
+
+**Residual stress.** These are energy-Hessian (small-strain, ``F = I + ε``) constants
+at the input state. When the structure is under a stress ``σ`` they differ from the
+stress–strain coefficients ``∂σ_I/∂ε_J`` and from the Lagrangian (Green-strain)
+constants by terms linear in ``σ``; the residual stress is reported in ``stress`` so
+that the caller can judge it. Relax the cell (``relax(..., relax_cell=True)``) for the
+zero-stress constants, where all definitions agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens.implicit import linear_solve as _ls
+from mdsens.implicit.root import LinearSolveError, root_jvp
+from mdsens.md import zero_modes as _zm
+from mdsens.md.sensitivity import _prepare, voigt_names, voigt_strain_matrix
+
+__all__ = ["ElasticConstants", "elastic_constants"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticConstants:
+    """Voigt elastic constants (see the module docstring for the definitions).
+
+    Attributes:
+      clamped: clamped-ion (Born) ``(6, 6)`` (``(3, 3)`` in 2D).
+      relaxed: relaxed-ion, same shape (symmetrized; see ``asymmetry``).
+      volume: cell volume (Å³; area Å² in 2D).
+      stress: residual Voigt stress (ASE sign), same unit as the constants.
+      internal_strain: ``dU*/dε_I``, ``(n_voigt, N, d)`` internal relaxation per unit
+        strain (Å), translation-free.
+      unit: ``"eV/Å³"``, ``"eV/Å²"`` or ``"GPa"``.
+      solve_residual: relative residual of each of the ``n_voigt`` solves.
+      asymmetry: ``max |C − Cᵀ| / max |C|`` of the relaxed correction before
+        symmetrization (a solve-accuracy check; ≈ the solve tolerance).
+      n_zero_modes: translations plus rattlers declared in the null space.
+    """
+
+    clamped: np.ndarray
+    relaxed: np.ndarray
+    volume: float
+    stress: np.ndarray
+    internal_strain: np.ndarray
+    unit: str
+    solve_residual: np.ndarray
+    asymmetry: float
+    n_zero_modes: int
+
+    @property
+    def dim(self) -> int:
+        return 3 if self.clamped.shape[0] == 6 else 2
+
+    @property
+    def relaxation(self) -> np.ndarray:
+        """``relaxed − clamped`` (≤ 0 in the sense of quadratic forms)."""
+        return self.relaxed - self.clamped
+
+    def to_gpa(self) -> "ElasticConstants":
+        """The same constants in GPa (3D only; ``ase.units.GPa``)."""
+        from ase.units import GPa
+
+        if self.dim != 3:
+            raise ValueError("GPa is a 3D unit; 2D constants are in eV/Å² (force per length).")
+        if self.unit == "GPa":
+            return self
+        f = 1.0 / GPa
+        return dataclasses.replace(self, clamped=self.clamped * f, relaxed=self.relaxed * f,
+                                   stress=self.stress * f, unit="GPa")
+
+    def table(self) -> str:
+        names = voigt_names(self.dim)
+        lines = [f"elastic constants ({self.unit}), V = {self.volume:.6g}, residual stress max "
+                 f"{np.abs(self.stress).max():.3g} {self.unit}"]
+        for label, C in (("clamped-ion (Born)", self.clamped), ("relaxed-ion", self.relaxed)):
+            lines.append(label)
+            lines.append("      " + "".join(f"{n:>12}" for n in names))
+            for n, row in zip(names, C):
+                lines.append(f"{n:>6}" + "".join(f"{v:12.5g}" for v in row))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _internal(E_s, R, basis, solve):
+    """Born Hessian, internal strain dU/dε and Λ·dU, jit-able."""
+    F = jax.grad(E_s)
+    theta0 = jnp.zeros((E_s.n_voigt,), jnp.float64)
+    born = jax.hessian(E_s, argnums=1)(R, theta0)
+    nullspace = lambda x, th: basis  # noqa: E731
+
+    def one(t):
+        dU, info = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace,
+                            symmetric=True, return_info=True, on_solve_failure="ignore")
+        lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
+        return dU, lam, info
+
+    dU, lam, info = jax.vmap(one)(jnp.eye(E_s.n_voigt, dtype=jnp.float64))
+    correction = jnp.einsum("jnd,ind->ij", lam, dU)  # Λ_Jᵀ dU_I = −Λ_Jᵀ H⁺ Λ_I
+    stress_v = jax.grad(E_s, argnums=1)(R, theta0)
+    return born, correction, dU, info, stress_v
+
+
+class _StrainEnergy:
+    """``E_s(U, ε_voigt) = E(U (I+ε), θ, cell (I+ε))`` (a callable with ``n_voigt``)."""
+
+    def __init__(self, energy, system, params, neighbor):
+        self.energy, self.params, self.neighbor = energy, params, neighbor
+        self.dim, self.cell = system.dim, system.cell
+        self.n_voigt = len(voigt_names(system.dim))
+
+    def __call__(self, U, eps_v):
+        Fm = jnp.eye(self.dim, dtype=jnp.float64) + voigt_strain_matrix(eps_v, self.dim)
+        return self.energy(U @ Fm, self.params, self.cell @ Fm, self.neighbor)
+
+
+def elastic_constants(
+    result,
+    pot,
+    *,
+    params=None,
+    solve: Optional[Callable] = None,
+    tol: float = 1e-10,
+    check_stability: bool = True,
+    stability_options: Optional[dict] = None,
+    neighbor=None,
+) -> ElasticConstants:
+    """Clamped-ion and relaxed-ion Voigt elastic constants of a relaxed periodic structure.
+
+    Args:
+      result: a ``RelaxResult`` or a relaxed periodic ``System``.
+      pot: the potential; ``params`` default ``pot.params``.
+      solve: linear solver for the internal relaxation (default CG with ``tol``).
+      check_stability: refuse saddles and declare rattlers (see
+        :mod:`mdsens.md.zero_modes`); ``False``: translations only.
+      neighbor: neighbor list to use (default: built when the potential uses one).
+
+    Returns:
+      :class:`ElasticConstants` in eV/Å³ (eV/Å² in 2D).
+
+    Raises:
+      ValueError: a free (non-periodic) system.
+      SaddlePointError: negative curvature at the input.
+      LinearSolveError: an internal-relaxation solve missed ``tol``.
+    """
+    prob = _prepare(result, pot, params, neighbor)
+    system = prob.system
+    if not system.pbc:
+        raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
+    solve = solve or functools.partial(_ls.cg, tol=tol)
+    if check_stability:
+        e = lambda R: prob.energy(R, prob.params, system.cell, prob.neighbor)  # noqa: E731
+        basis = _zm.stability(e, system.positions, True, **(stability_options or {})).basis
+    else:
+        basis = _zm.rigid_modes(system.positions, True)
+    E_s = _StrainEnergy(prob.energy, system, prob.params, prob.neighbor)
+    born, correction, dU, info, stress_v = jax.jit(
+        lambda R, B: _internal(E_s, R, B, solve))(system.positions, jnp.asarray(basis))
+    if not bool(np.all(np.asarray(info.converged))):
+        raise LinearSolveError(
+            f"the internal-relaxation solves missed tol={tol:g} (relative residuals "
+            f"{np.asarray(info.relative_residual)}). Relax tighter, or check for soft modes "
+            "(check_stability=True), or pass solve=functools.partial(ms.linear_solve.minres, ...)."
+        )
+    V = float(system.volume)
+    born = np.asarray(born) / V
+    corr = np.asarray(correction) / V
+    scale = max(np.abs(born).max(), 1e-300)
+    asym = float(np.abs(corr - corr.T).max() / scale)
+    clamped = 0.5 * (born + born.T)
+    relaxed = clamped + 0.5 * (corr + corr.T)
+    return ElasticConstants(
+        clamped=clamped,
+        relaxed=relaxed,
+        volume=V,
+        stress=np.asarray(stress_v) / V,
+        internal_strain=np.asarray(dU),
+        unit="eV/Å³" if system.dim == 3 else "eV/Å²",
+        solve_residual=np.asarray(info.relative_residual),
+        asymmetry=asym,
+        n_zero_modes=int(np.asarray(basis).shape[0]),
+    )
