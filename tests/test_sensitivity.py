@@ -1,0 +1,301 @@
+"""Sensitivities of relaxed structures against independent truths.
+
+Truths used (never the code under test compared with itself):
+* exact scaling laws of Lennard-Jones with σ-tied cutoffs: E* ∝ ε, R* ∝ σ;
+* a dense pseudo-inverse of the Hessian (jax.hessian + numpy pinv);
+* central finite differences of re-relaxed structures;
+* ⟨u, J v⟩ computed forward (vmapped root_jvp) and reverse (root_vjp).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mdsens as ms
+from mdsens.md.potentials import LennardJones, SoftSphere, StillingerWeber
+from mdsens.md.relax import relax
+from mdsens.md.sensitivity import (
+    NotConvergedError,
+    make_sensitivity,
+    observable_gradient,
+    sensitivity,
+)
+from mdsens.md.zero_modes import SaddlePointError, rigid_modes
+
+
+# ----------------------------------------------------------------------------- helpers
+def gauge_fix(D, basis):
+    """Remove the components of D (N, d) along the orthonormal modes basis (k, N, d)."""
+    Q = np.asarray(basis).reshape(len(basis), -1)
+    d = np.asarray(D).ravel()
+    return (d - Q.T @ (Q @ d)).reshape(np.shape(D))
+
+
+def min_image(D, cell):
+    frac = np.linalg.solve(np.asarray(cell).T, np.asarray(D).T).T
+    return (frac - np.round(frac)) @ np.asarray(cell)
+
+
+def dense_pinv_derivative(pot, system, params, tangent, rcond=1e-10):
+    """-pinv(H) ∂F/∂θ·t from the full Hessian (dense reference)."""
+    E = pot.energy_fn(system, neighbor_list=False)
+    R = system.positions
+    n, d = R.shape
+    H = jax.hessian(lambda x: E(x, params, system.cell))(R).reshape(n * d, n * d)
+    grad = jax.grad(lambda x, p: E(x, p, system.cell))
+    b = jax.jvp(lambda p: grad(R, p), (params,), (tangent,))[1].ravel()
+    return (-np.linalg.pinv(np.asarray(H), rcond=rcond, hermitian=True) @ np.asarray(b)).reshape(n, d)
+
+
+def fd_derivative(pot, system, params, tangent, h, fmax):
+    """Central difference of re-relaxed positions (minimum image), both from R*."""
+    out = []
+    for sgn in (+1, -1):
+        p = jax.tree_util.tree_map(lambda a, t: a + sgn * h * jnp.asarray(t, jnp.float64), params, tangent)
+        r = relax(system, pot, params=p, fmax=fmax, max_steps=200_000)
+        assert r.converged
+        out.append(np.asarray(r.system.positions))
+    D = out[0] - out[1]
+    if system.pbc:
+        D = min_image(D, system.cell)
+    return D / (2 * h)
+
+
+def zeros_like_params(params):
+    return {k: np.zeros(np.shape(v)) for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def lj13():
+    from ase.cluster import Icosahedron
+
+    sigma, eps = 1.3, 0.7
+    pot = LennardJones(sigma=sigma, epsilon=eps)  # r_cutoff tied to σ: exact scaling
+    R0 = Icosahedron("Ar", 2).positions / 3.4 * sigma
+    R0 = R0 + 0.01 * np.random.default_rng(0).normal(size=R0.shape)
+    res = relax(ms.System(R0), pot, fmax=1e-11, max_steps=100_000)
+    assert res.converged
+    return pot, res
+
+
+@pytest.fixture(scope="module")
+def lj_crystal_2d():
+    """Triangular LJ crystal with a vacancy, fixed cell (not at zero stress)."""
+    sigma, eps, a = 1.1, 0.8, 1.12 * 1.1
+    nx, ny = 8, 8
+    pts = [((i + 0.5 * (j % 2)) * a, j * a * np.sqrt(3) / 2) for j in range(ny) for i in range(nx)]
+    R = np.array(pts[1:])  # vacancy
+    cell = np.diag([nx * a, ny * a * np.sqrt(3) / 2])
+    pot = LennardJones(sigma=sigma, epsilon=eps)
+    res = relax(ms.System(R, cell=cell, pbc=True), pot, fmax=1e-11, max_steps=100_000)
+    assert res.converged
+    return pot, res
+
+
+# ----------------------------------------------------------------------------- scaling
+def test_lj_cluster_scale_invariance(lj13):
+    pot, res = lj13
+    S = sensitivity(res, pot)
+    sigma, eps = float(pot.params["sigma"]), float(pot.params["epsilon"])
+    R = np.asarray(res.system.positions)
+    assert S.n_zero_modes == 6 and S.n_soft_modes == 0
+    # dE*/dε = E*/ε ; dR*/dσ = (R* − R̄)/σ (already free of net rotation about R̄)
+    np.testing.assert_allclose(S.energy["epsilon"], float(res.energy) / eps, rtol=1e-10)
+    np.testing.assert_allclose(S.positions["sigma"], (R - R.mean(0)) / sigma, atol=1e-8 * np.abs(R).max())
+    np.testing.assert_allclose(S.positions["epsilon"], 0.0, atol=1e-8)
+    # envelope theorem: the total derivative equals the partial one at R*
+    np.testing.assert_allclose(S.denergy, S.denergy_partial, rtol=1e-8, atol=1e-8)
+    assert np.all(S.solve_residual < 1e-9)
+    # gauge: no net translation, no net rotation
+    D = S.positions["sigma"]
+    np.testing.assert_allclose(D.sum(0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(np.cross(R - R.mean(0), D).sum(0), 0.0, atol=1e-9)
+
+
+def test_lj_periodic_scale_invariance_params_and_cell(lj_crystal_2d):
+    pot, res = lj_crystal_2d
+    sigma, eps = float(pot.params["sigma"]), float(pot.params["epsilon"])
+    S = sensitivity(res, pot)
+    Sc = sensitivity(res, pot, wrt="cell")
+    R = np.asarray(res.system.positions)
+    assert S.n_zero_modes == 2
+    np.testing.assert_allclose(S.energy["epsilon"], float(res.energy) / eps, rtol=1e-10)
+    np.testing.assert_allclose(S.positions["epsilon"], 0.0, atol=1e-9)
+    # Scaling σ and the cell together is exact: dR/dσ|cell + (1/σ) Σ_a dR/dε_aa = R*/σ,
+    # and the energy does not change: dE/dσ|cell + (1/σ) V (σ_xx + σ_yy) = 0.
+    combined = S.positions["sigma"] + (Sc.dpositions[0] + Sc.dpositions[1]) / sigma
+    np.testing.assert_allclose(combined, R / sigma, atol=1e-8 * np.abs(R).max())
+    dE = float(S.energy["sigma"]) + (Sc.denergy[0] + Sc.denergy[1]) / sigma
+    assert abs(dE) < 1e-8 * abs(float(res.energy))
+    # strain energy derivative is V × stress (ASE sign), an independent code path
+    stress = np.asarray(pot.stress(res.system))
+    np.testing.assert_allclose(Sc.denergy, float(res.system.volume) * stress, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(Sc.denergy, Sc.denergy_partial, rtol=1e-8, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- pinv + FD
+@pytest.fixture(scope="module")
+def soft_packing():
+    N, phi = 48, 0.90
+    rng = np.random.default_rng(1)
+    species = np.array([0] * (N // 2) + [1] * (N // 2))
+    diam = np.array([1.0, 1.4])
+    L = np.sqrt(np.sum(np.pi * (diam[species] / 2) ** 2) / phi)
+    system = ms.System(rng.uniform(0, L, (N, 2)), cell=np.eye(2) * L, species=species,
+                       symbols=("A", "B"), pbc=True)
+    pot = SoftSphere(sigma={"A": 1.0, "B": 1.4})
+    res = relax(system, pot, fmax=1e-12, max_steps=200_000)
+    assert res.converged
+    return pot, res
+
+
+def test_soft_sphere_packing_small_diameter_vs_pinv_and_fd(soft_packing):
+    pot, res = soft_packing
+    # d(small diameter): σ_AA += 1, σ_AB = σ_BA += 1/2 (additive mixing)
+    t = zeros_like_params(pot.params)
+    t["sigma"] = np.array([[1.0, 0.5], [0.5, 0.0]])
+    S = sensitivity(res, pot, wrt={"d_small": t})
+    dense = dense_pinv_derivative(pot, res.system, pot.params, jax.tree_util.tree_map(jnp.asarray, t))
+    np.testing.assert_allclose(S.dpositions[0], dense, atol=1e-8 * np.abs(dense).max())
+    np.testing.assert_allclose(S.denergy, S.denergy_partial, rtol=1e-8)
+
+
+@pytest.mark.slow
+def test_soft_sphere_packing_small_diameter_vs_fd(soft_packing):
+    pot, res = soft_packing
+    t = zeros_like_params(pot.params)
+    t["sigma"] = np.array([[1.0, 0.5], [0.5, 0.0]])
+    S = sensitivity(res, pot, wrt={"d_small": t})
+    # the same direction from the per-element columns (jacfwd convention)
+    Sall = sensitivity(res, pot, wrt="sigma")
+    cols = dict(zip(Sall.names, Sall.dpositions))
+    np.testing.assert_allclose(cols["sigma[0,0]"] + 0.5 * (cols["sigma[0,1]"] + cols["sigma[1,0]"]),
+                               S.dpositions[0], atol=1e-9)
+    if S.n_soft_modes:  # rattlers: FD leaves them anywhere
+        pytest.skip("packing has rattlers; FD comparison needs the same soft-mode gauge")
+    fd = fd_derivative(pot, res.system, pot.params, t, h=1e-5, fmax=1e-13)
+    basis = rigid_modes(res.system.positions, True)
+    np.testing.assert_allclose(gauge_fix(fd, basis), S.dpositions[0], atol=1e-5 * np.abs(fd).max())
+
+
+@pytest.fixture(scope="module")
+def si_vacancy():
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat((2, 2, 2))
+    del atoms[0]
+    atoms.positions += 0.02 * np.random.default_rng(2).normal(size=atoms.positions.shape)
+    pot = StillingerWeber()
+    res = relax(ms.System.from_ase(atoms), pot, fmax=1e-10, max_steps=100_000)
+    assert res.converged
+    return pot, res
+
+
+def test_stillinger_weber_vacancy_vs_pinv_and_fd(si_vacancy):
+    pot, res = si_vacancy
+    S = sensitivity(res, pot, wrt=["epsilon", "lam", "sigma"])
+    assert S.names == ("epsilon", "lam", "sigma")
+    eps = float(pot.params["epsilon"])
+    # ε is a pure energy scale: dE/dε = E/ε and nothing moves
+    np.testing.assert_allclose(S.denergy[0], float(res.energy) / eps, rtol=1e-10)
+    np.testing.assert_allclose(S.dpositions[0], 0.0, atol=1e-9)
+    np.testing.assert_allclose(S.denergy, S.denergy_partial, rtol=1e-8, atol=1e-10 * abs(float(res.energy)))
+    for name in ("lam", "sigma"):
+        t = zeros_like_params(pot.params)
+        t[name] = np.asarray(1.0)
+        j = S.names.index(name)
+        dense = dense_pinv_derivative(pot, res.system, pot.params, jax.tree_util.tree_map(jnp.asarray, t))
+        np.testing.assert_allclose(S.dpositions[j], dense, atol=1e-8 * np.abs(dense).max())
+
+
+@pytest.mark.slow
+def test_stillinger_weber_vacancy_vs_fd(si_vacancy):
+    pot, res = si_vacancy
+    S = sensitivity(res, pot, wrt=["lam"], check_stability=False)
+    t = zeros_like_params(pot.params)
+    t["lam"] = np.asarray(1.0)
+    fd = gauge_fix(fd_derivative(pot, res.system, pot.params, t, h=1e-3, fmax=1e-11),
+                   rigid_modes(res.system.positions, True))
+    np.testing.assert_allclose(fd, S.dpositions[0], atol=1e-5 * np.abs(fd).max())
+
+
+# ----------------------------------------------------------------------------- fwd = rev
+def test_forward_equals_reverse(lj13):
+    pot, res = lj13
+    rng = np.random.default_rng(3)
+    u = jnp.asarray(rng.normal(size=res.system.positions.shape))
+    S = sensitivity(res, pot, check_stability=False)
+    v = rng.normal(size=len(S.names))
+    forward = float(np.einsum("p,pnd,nd->", v, S.dpositions, np.asarray(u)))
+    g = observable_gradient(res, pot, lambda R, p, c: jnp.sum(u * R))
+    reverse = float(sum(v[j] * np.asarray(g[name]) for j, name in enumerate(S.names)))
+    np.testing.assert_allclose(forward, reverse, rtol=1e-9)
+
+
+def test_observable_gradient_includes_explicit_dependence(lj13):
+    pot, res = lj13
+    R = np.asarray(res.system.positions)
+    S = sensitivity(res, pot, check_stability=False)
+    # O = σ · |R_1 − R_2|²: explicit σ dependence plus the implicit one
+    obs = lambda R, p, c: p["sigma"] * jnp.sum((R[1] - R[2]) ** 2)  # noqa: E731
+    g = observable_gradient(res, pot, obs)
+    d12 = R[1] - R[2]
+    D = S.positions["sigma"]
+    expected = np.sum(d12**2) + float(pot.params["sigma"]) * 2 * np.dot(d12, D[1] - D[2])
+    np.testing.assert_allclose(float(g["sigma"]), expected, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- convergence
+def test_unconverged_input_error_estimate_grows_and_strict_refuses(lj13):
+    pot, ref = lj13
+    start = ms.System(np.asarray(ref.system.positions) + 0.05 * np.random.default_rng(4).normal(size=(13, 3)))
+    fn = make_sensitivity(pot, start, wrt=["sigma"])
+    exact = (np.asarray(ref.system.positions) - np.asarray(ref.system.positions).mean(0)) / float(pot.params["sigma"])
+    estimates, errors = [], []
+    for fmax in (1e-2, 1e-4, 1e-6, 1e-9):
+        r = relax(start, pot, fmax=fmax, max_steps=100_000)
+        s = fn(r)
+        estimates.append(float(s.error_estimate[0]))
+        # compare after aligning: same gauge up to the rigid motion of the whole cluster
+        R = np.asarray(r.system.positions)
+        exact_here = (R - R.mean(0)) / float(pot.params["sigma"])
+        errors.append(float(np.linalg.norm(s.dpositions[0] - exact_here)))
+    assert all(a > b for a, b in zip(estimates, estimates[1:])), estimates
+    # the estimate tracks the true error (within an order of magnitude, or bounds it)
+    for est, err in zip(estimates, errors):
+        assert err < 10 * est + 1e-9, (estimates, errors)
+    del exact
+    loose = relax(start, pot, fmax=1e-2, max_steps=100_000)
+    with pytest.raises(NotConvergedError, match="strict=True"):
+        sensitivity(loose, pot, strict=True)
+
+
+def test_saddle_point_is_refused():
+    # A linear LJ trimer at its stationary spacing is a saddle (bending lowers E).
+    pot = LennardJones()
+    line = ms.System(np.array([[0.0, 0, 0], [1.12, 0, 0], [2.24, 0, 0]]))
+    res = relax(line, pot, fmax=1e-10)
+    assert res.converged
+    assert rigid_modes(res.system.positions, False).shape[0] == 5  # linear: 2 rotations
+    with pytest.raises(SaddlePointError, match=r"saddle point.*λ_min = -"):
+        sensitivity(res, pot)
+
+
+# ----------------------------------------------------------------------------- output
+def test_table_csv_json(lj13, tmp_path):
+    pot, res = lj13
+    S = sensitivity(res, pot, wrt="sigma,epsilon", check_stability=False)
+    text = str(S)
+    assert "sigma" in text and "epsilon" in text and "dE/dtheta" in text
+    csv_text = S.to_csv(tmp_path / "s.csv")
+    assert csv_text.splitlines()[0].startswith("parameter,value,dE/dtheta")
+    assert (tmp_path / "s.csv").read_text() == csv_text
+    data = json.loads(S.to_json(tmp_path / "s.json", positions=True))
+    assert [r["parameter"] for r in data["rows"]] == ["epsilon", "sigma"]
+    np.testing.assert_allclose(np.array(data["dpositions"]["sigma"]), S.dpositions[1])
+    with pytest.raises(KeyError, match="no parameter 'rho'"):
+        sensitivity(res, pot, wrt=["rho"])
