@@ -117,6 +117,11 @@ def _report_failure(policy, residual, b_norm, iterations, breakdown, converged):
     warnings.warn(message, LinearSolveWarning, stacklevel=2)
 
 
+def _checked_zero(policy, dtype, residual, b_norm, iterations, breakdown, converged):
+    _report_failure(policy, residual, b_norm, iterations, breakdown, converged)
+    return np.zeros(np.shape(converged), dtype)
+
+
 def _orthonormal_basis(basis_fn, sol, theta, dim):
     """Orthonormal ``(n, k)`` basis (flattened like ``sol``) from a user ``nullspace``."""
     basis = basis_fn(sol, theta)
@@ -161,10 +166,16 @@ def _projected_solve(matvec, b, *, solve, right_basis, left_basis, symmetric, on
     def run(mv, r):
         x, info = _call_solver(solve, mv, r)
         if info is not None and on_failure != "ignore":
-            jax.debug.callback(
-                functools.partial(_report_failure, on_failure),
+            # One host check per solve, batched: jax.debug.callback would be unrolled once
+            # per vmap element (jacrev vmaps over outputs), inflating compile time. The
+            # zero it returns is added to x so the check cannot be dead-code eliminated.
+            zero = jax.pure_callback(
+                functools.partial(_checked_zero, on_failure, np.dtype(x.dtype)),
+                jax.ShapeDtypeStruct((), x.dtype),
                 info.residual_norm, info.b_norm, info.iterations, info.breakdown, info.converged,
+                vmap_method="broadcast_all",
             )
+            x = x + zero
         return x, info
 
     x, info = lax.custom_linear_solve(deflated, rhs, solve=run, transpose_solve=run,
@@ -310,8 +321,9 @@ def custom_root(optimality_fun: Callable, *, solve: Callable = None, has_aux: bo
       symmetric: ``∂₁F`` is symmetric (true when ``F`` is a gradient); lets reverse mode
         reuse the forward solve instead of transposing the matvec.
       on_solve_failure: what a non-converged linear solve (per its ``SolveInfo``) does:
-        ``"raise"`` a :class:`LinearSolveError` (default; under ``jit`` it surfaces as a
-        ``JaxRuntimeError`` carrying the same message), ``"warn"`` with a
+        ``"raise"`` a :class:`LinearSolveError` (default; it is raised on the host from
+        inside the computation, so JAX re-raises it as a ``JaxRuntimeError`` whose
+        message carries ``LinearSolveError: ...`` and the advice), ``"warn"`` with a
         :class:`LinearSolveWarning` and return the approximate derivative, or
         ``"ignore"``.
 
