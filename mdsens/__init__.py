@@ -20,6 +20,7 @@ from mdsens.implicit import (  # noqa: E402
     root_vjp,
 )
 from mdsens.md import (  # noqa: E402
+    ElasticConstants,
     NearSingularWarning,
     NotConvergedWarning,
     RelaxError,
@@ -29,6 +30,7 @@ from mdsens.md import (  # noqa: E402
     StructureError,
     StructureFileError,
     System,
+    elastic_constants,
     make_relax,
     observable_gradient,
     potentials,

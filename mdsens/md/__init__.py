@@ -4,6 +4,7 @@ A client of :mod:`mdsens.implicit`, used exactly the way user code would use it.
 """
 
 from mdsens.md import neighbors, potentials, zero_modes
+from mdsens.md.elastic import ElasticConstants, elastic_constants
 from mdsens.md.implicit_relax import relax, rigid_null_space
 from mdsens.md.io import StructureFileError, read, write
 from mdsens.md.relax import NotConvergedWarning, RelaxError, RelaxResult, make_relax
