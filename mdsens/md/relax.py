@@ -497,18 +497,20 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
     def _evaluate_impl(self, R, params, cell, neighbor):
         """Energy, forces and (periodic) full stress tensor at physical (R, cell)."""
         E = self.energy_fn
-        energy, grad = jax.value_and_grad(E)(R, params, cell, neighbor)
         if cell is None:
+            energy, grad = jax.value_and_grad(E)(R, params, cell, neighbor)
             return energy, -grad, None
         dim = R.shape[1]
         eye = jnp.eye(dim, dtype=jnp.float64)
 
-        def strained(eps):
+        def strained(R, eps):
+            # At eps = 0: d/dR is ∇E and d/deps is V σ, from one gradient evaluation.
             F = eye + 0.5 * (eps + eps.T)
             return E(R @ F, params, cell @ F, neighbor)
 
-        sigma = jax.grad(strained)(jnp.zeros((dim, dim), jnp.float64)) / jnp.abs(jnp.linalg.det(cell))
-        return energy, -grad, sigma
+        zero = jnp.zeros((dim, dim), jnp.float64)
+        energy, (grad, dstrain) = jax.value_and_grad(strained, argnums=(0, 1))(R, zero)
+        return energy, -grad, dstrain / jnp.abs(jnp.linalg.det(cell))
 
     # -- host orchestration -------------------------------------------------------------
     def _check_compatible(self, system):
