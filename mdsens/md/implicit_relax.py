@@ -15,7 +15,7 @@ also checked (:func:`mdsens.md.zero_modes.stability`): a saddle point raises
 null space, and a near-singular Hessian warns.
 
 What is differentiable (forward and reverse mode, w.r.t. every leaf of ``params`` and
-w.r.t. the cell at fixed fractional coordinates... of the *input* structure):
+w.r.t. the cell of the input structure, at fixed fractional coordinates):
 
 * ``result.system.positions`` — through the implicit function theorem;
 * ``result.energy``, ``result.forces``, ``result.stress`` — evaluated at the
@@ -41,6 +41,7 @@ from mdsens.implicit import custom_root, linear_solve
 from mdsens.md import neighbors as _nb
 from mdsens.md import relax as _relax
 from mdsens.md import zero_modes as _zm
+from mdsens.md.potentials.base import stress_from_energy
 from mdsens.md.system import System
 
 __all__ = ["relax", "relaxation_condition", "rigid_null_space"]
@@ -52,8 +53,8 @@ DEFAULT_SOLVE_TOL = 1e-10
 def relaxation_condition(energy_fn):
     """``F(R, params, cell, neighbor) = ∇_R E``: the optimality condition of a relaxation.
 
-    With a neighbor list, ``neighbor`` is a pair ``(seed, update)``-free list already
-    valid at ``R`` (see :func:`relax`).
+    With a neighbor list, ``neighbor`` must be valid at ``R``; :func:`relax` passes a
+    list allocated at the start and updated to ``R`` inside ``F``.
     """
     return jax.grad(energy_fn)
 
@@ -188,25 +189,13 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
     if nl is not None and not _is_traced(R) and neighbor.needs_reallocation():
         neighbor = nl.allocate(jax.lax.stop_gradient(R), cell)
     energy, grad = jax.value_and_grad(energy_fn)(R, params, cell, neighbor)
-    stress = None if cell is None else _stress(energy_fn, R, params, cell, neighbor)
+    stress = None if cell is None else stress_from_energy(energy_fn, R, params, cell, neighbor)
     if host_results:
         host = host_results[-1]
         return _relax.RelaxResult(relaxed, energy, -grad, host.fmax, host.steps, host.converged, stress)
     converged = fmax_now < fmax
     jax.debug.callback(functools.partial(_warn_if_not_converged, fmax, max_steps), fmax_now, steps)
     return _relax.RelaxResult(relaxed, energy, -grad, fmax_now, steps, converged, stress)
-
-
-def _stress(energy_fn, R, params, cell, neighbor):
-    dim = R.shape[1]
-    eye = jnp.eye(dim, dtype=R.dtype)
-
-    def strained(eps):
-        F = eye + 0.5 * (eps + eps.T)
-        return energy_fn(R @ F, params, cell @ F, neighbor)
-
-    sigma = jax.grad(strained)(jnp.zeros((dim, dim), R.dtype)) / jnp.abs(jnp.linalg.det(cell))
-    return _relax._voigt(sigma)
 
 
 def _warn_if_not_converged(target, max_steps, fmax_now, steps):
