@@ -312,7 +312,7 @@ class Sensitivity:
         """The rows of :meth:`table` as CSV; written to ``path`` if given. Returns the text."""
         rows = self.rows()
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["parameter"])
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["parameter"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         text = buf.getvalue()
