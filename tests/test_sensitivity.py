@@ -296,7 +296,7 @@ def test_table_csv_json(lj13, tmp_path):
     assert csv_text.splitlines()[0].startswith("parameter,value,dE/dtheta")
     assert (tmp_path / "s.csv").read_text() == csv_text
     data = json.loads(S.to_json(tmp_path / "s.json", positions=True))
-    assert [r["parameter"] for r in data["rows"]] == ["epsilon", "sigma"]
-    np.testing.assert_allclose(np.array(data["dpositions"]["sigma"]), S.dpositions[1])
+    assert [r["parameter"] for r in data["rows"]] == ["sigma", "epsilon"]  # wrt order
+    np.testing.assert_allclose(np.array(data["dpositions"]["sigma"]), S.dpositions[0])
     with pytest.raises(KeyError, match="no parameter 'rho'"):
         sensitivity(res, pot, wrt=["rho"])
