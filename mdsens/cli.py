@@ -354,8 +354,65 @@ def demo_relaxations(ctx: DemoContext) -> None:
     print("E/atom in eV (soft spheres: reduced units); time includes JIT compilation.", file=ctx.out)
 
 
+#: What ``mdsens demo`` differentiates, by structure label: parameters of each potential.
+_DEMO_SENSITIVITIES = {
+    "LJ13 Ar cluster": "sigma,epsilon",
+    "fcc Ar + vacancy": "sigma,epsilon",
+    "2D soft spheres": "sigma",
+}
+
+
+def demo_sensitivities(ctx: DemoContext) -> None:
+    """Section 2: implicit derivatives of the relaxed structures, and elastic constants."""
+    from mdsens.md.elastic import elastic_constants
+    from mdsens.md.sensitivity import sensitivity
+
+    print("Sensitivities of the relaxed structures (implicit differentiation, forward mode)", file=ctx.out)
+    print("dE/dtheta: total derivative of the relaxed energy; partial_E/dtheta: the envelope-theorem "
+          "check; dR/dtheta: gauge without net translation (and rotation for clusters)", file=ctx.out)
+    for case, _, pot, result, _ in ctx.results:
+        wrt = _DEMO_SENSITIVITIES.get(case.label)
+        if wrt is None or not result.converged:
+            continue
+        t0 = time.perf_counter()
+        sens = sensitivity(result, pot, wrt=wrt)
+        print(f"\n{case.label} ({case.potential}), {time.perf_counter() - t0:.2f} s incl. compilation", file=ctx.out)
+        print(sens.table(), file=ctx.out)
+    for case, _, pot, result, _ in ctx.results:
+        if case.potential == "Stillinger-Weber" and result.converged:
+            t0 = time.perf_counter()
+            constants = elastic_constants(result, pot).to_gpa()
+            print(f"\nElastic constants, {case.label} with {case.potential} "
+                  f"({time.perf_counter() - t0:.2f} s): internal strain lowers C44 from clamped to relaxed",
+                  file=ctx.out)
+            print(constants.table(), file=ctx.out)
+
+
 #: Sections of ``mdsens demo``, run in order. Append ``f(ctx: DemoContext) -> None``.
-DEMO_SECTIONS: List[Callable[[DemoContext], None]] = [demo_relaxations]
+DEMO_SECTIONS: List[Callable[[DemoContext], None]] = [demo_relaxations, demo_sensitivities]
+
+
+def cmd_sensitivity(args, out: TextIO, err: TextIO) -> int:
+    """Relax FILE, then print dR*/dθ and dE*/dθ for the parameters in --wrt."""
+    from mdsens.md.sensitivity import NotConvergedError, sensitivity
+
+    system = load(args.file)
+    _, pot = build_potential(args.potential, args.param)
+    result, _, notes = _run_relax(system, pot, fmax=args.fmax, max_steps=args.max_steps, progress=False)
+    for note in notes:
+        print(f"mdsens: warning: {note}", file=err)
+    try:
+        sens = sensitivity(result, pot, wrt=args.wrt, strict=args.strict)
+    except (NotConvergedError, ValueError, KeyError) as exc:
+        raise CLIError(str(exc)) from None
+    print(sens.table(), file=out)
+    if args.csv:
+        sens.to_csv(args.csv)
+        print(f"written {args.csv}", file=out)
+    if args.json:
+        sens.to_json(args.json, positions=True)
+        print(f"written {args.json}", file=out)
+    return 0 if result.converged else 1
 
 
 def cmd_demo(args, out: TextIO, err: TextIO) -> int:
@@ -388,7 +445,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mdsens", description="Relax atomistic structures and study their sensitivities (JAX, jax-md, ASE).")
-    sub = parser.add_subparsers(dest="command", metavar="{relax,info,demo}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{relax,info,sensitivity,demo}", parser_class=_Parser)
 
     p = sub.add_parser("relax", help="relax a structure file with a potential")
     p.add_argument("file", help="structure file (any format ASE reads: xyz, extxyz, POSCAR, cif, ...)")
@@ -405,6 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a summary of a structure file")
     p.add_argument("file")
+
+    p = sub.add_parser("sensitivity", help="relax a structure, then print dR*/dθ and dE*/dθ")
+    p.add_argument("file", help="structure file (any format ASE reads)")
+    p.add_argument("--potential", "-p", required=True, help="lj | soft-sphere | morse | sw | tersoff")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="potential parameter, repeatable (as for `mdsens relax`)")
+    p.add_argument("--wrt", default="params",
+                   help="comma-separated parameter names or elements (sigma,epsilon; sigma[0,1]), "
+                        "'params' (all) or 'cell' (Voigt strain)")
+    p.add_argument("--fmax", type=float, default=1e-8, help="force criterion of the relaxation (default 1e-8)")
+    p.add_argument("--max-steps", type=int, default=50_000)
+    p.add_argument("--strict", action="store_true", help="refuse a structure that is not relaxed tightly")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--json", help="also write the table (and dR*/dθ) as JSON")
 
     p = sub.add_parser("demo", help="relax the bundled structures (the main job) and print a table")
     p.add_argument("-o", "--output-dir", help="also write the relaxed structures here")
@@ -427,6 +498,8 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None, err: Op
             return cmd_info(args, out)
         if args.command == "relax":
             return cmd_relax(args, out, err)
+        if args.command == "sensitivity":
+            return cmd_sensitivity(args, out, err)
         return cmd_demo(args, out, err)
     except CLIError as exc:
         print(f"mdsens: error: {exc}", file=err)
