@@ -281,3 +281,26 @@ def test_gradient_descent_map_fixed_point(lj13_relax):
     x = res.system.positions
     # |T(x*) - x*| = η |∇E(x*)| <= η fmax.
     assert float(jnp.max(jnp.linalg.norm(T(x, pot.params) - x, axis=1))) <= 0.05 * 1e-9
+
+
+def test_compiled_relax_is_reused_with_cell_lists():
+    """Cell-list neighbor lists carry jax-md metadata (cell_size array, a fresh cell-list
+    closure per allocation) that used to break or defeat the compile cache on a second
+    call; the second call must neither fail nor recompile."""
+    rc, ro, fmax = 4.5, 4.0, 1e-6  # short range: the 21 Å box is >= 4 list radii wide
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat(4)
+    del atoms[0]
+    atoms.positions += np.random.default_rng(5).normal(scale=0.03, size=atoms.positions.shape)
+    s = System.from_ase(atoms)
+    pot = LennardJones(sigma=SIGMA, epsilon=EPS, r_cutoff=rc, r_onset=ro)
+    fn = make_relax(pot, s, neighbor_list=True)
+    first = fn(s, fmax=fmax)
+    init, run, _ = fn._compiled
+    # (A fresh list for the final confirmation may have another capacity: a new shape.)
+    sizes = (init._cache_size(), run._cache_size(), fn._evaluate._cache_size())
+    second = fn(s, fmax=fmax)
+    assert first.converged and second.converged
+    assert (init._cache_size(), run._cache_size(), fn._evaluate._cache_size()) == sizes
+    check = second.system.to_ase()
+    check.calc = AseLJ(sigma=SIGMA, epsilon=EPS, rc=rc, ro=ro, smooth=True)
+    assert np.linalg.norm(check.get_forces(), axis=1).max() < fmax

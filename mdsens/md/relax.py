@@ -265,6 +265,49 @@ def _not_done(carry, tol_f, tol_s, n_target):
     return (carry.step < n_target) & ~converged & finite
 
 
+class _NeighborIndices(NamedTuple):
+    """Just the ``idx (N, M)`` of a neighbor list: all a potential reads from it."""
+
+    idx: jax.Array
+
+
+def _indices_only(neighbor):
+    """What FIRE's jitted step receives instead of the full neighbor list.
+
+    jax-md's ``NeighborList`` keeps ``cell_size`` (an array) as static pytree metadata;
+    passed through jax-md's own ``jit``-ed integrator step, that array becomes part of a
+    cache key, and a second compilation of the loop (e.g. the next call of
+    ``make_relax``) fails comparing it. The energy only needs the indices.
+    """
+    return None if neighbor is None else _NeighborIndices(neighbor.idx)
+
+
+def _stable_metadata(neighbor, cell_list_fns: dict):
+    """The same list with jax-md's static metadata made cache-friendly.
+
+    Jitted functions taking a jax-md ``NeighborList`` key their compilation cache on its
+    static fields. Two of them defeat the cache: ``cell_size``, a 0-d array (compared by
+    value, and a failure if a tracer ever lands there), and ``cell_list_fn``, a fresh
+    closure from every allocation (compared by identity), so each reallocation would
+    recompile the relaxation loop. Here ``cell_size`` becomes a float and
+    ``cell_list_fn`` is shared between allocations with the same box and cell size
+    (it depends on nothing else), through the caller-owned ``cell_list_fns`` dict.
+    """
+    import dataclasses as _dc
+
+    nbrs = getattr(neighbor, "nbrs", None)
+    if nbrs is None or getattr(nbrs, "cell_list_fn", None) is None:
+        return neighbor
+    changes = {}
+    size = nbrs.cell_size
+    if size is not None and not isinstance(size, float) and np.ndim(size) == 0:
+        size = changes["cell_size"] = float(size)
+    box = neighbor.reference_box
+    key = (None if box is None else np.asarray(box).tobytes(), repr(size))
+    changes["cell_list_fn"] = cell_list_fns.setdefault(key, nbrs.cell_list_fn)
+    return type(neighbor)(_dc.replace(nbrs, **changes), neighbor.reference_box, neighbor.cutoff)
+
+
 def _fire(problem: _Problem, neighbor_update, *, dt_start, dt_max, maxstep, **fire_kwargs):
     """``(init, run, position_of)`` for FIRE on ``problem`` (pure functions)."""
 
@@ -279,7 +322,9 @@ def _fire(problem: _Problem, neighbor_update, *, dt_start, dt_max, maxstep, **fi
     def init(X, params, cell, neighbor, mass=None):
         if mass is None:
             mass = max_curvature(U, X, params, cell, neighbor)
-        state = fire_init(X, mass=jnp.asarray(mass, jnp.float64), params=params, cell=cell, neighbor=neighbor)
+        state = fire_init(
+            X, mass=jnp.asarray(mass, jnp.float64), params=params, cell=cell, neighbor=_indices_only(neighbor)
+        )
         fmax, smax = problem.residuals(X, -state.force, cell)
         return _Carry(state, neighbor, jnp.zeros((), jnp.int32), fmax, smax)
 
@@ -289,7 +334,7 @@ def _fire(problem: _Problem, neighbor_update, *, dt_start, dt_max, maxstep, **fi
             if nb is not None:
                 X_now, cell_now = problem.physical(c.state.position, cell)
                 nb = neighbor_update(X_now, nb, cell_now)
-            state = fire_apply(c.state, params=params, cell=cell, neighbor=nb)
+            state = fire_apply(c.state, params=params, cell=cell, neighbor=_indices_only(nb))
             fmax, smax = problem.residuals(state.position, -state.force, cell)
             return _Carry(state, nb, c.step + 1, fmax, smax)
 
@@ -476,6 +521,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         self.reallocations = 0
         self._nl = None
         self._compiled = None
+        self._cell_list_fns = {}
         self._evaluate = jax.jit(self._evaluate_impl)
 
     # -- compiled pieces (rebuilt only when a new neighbor-list function is needed) ------
@@ -579,7 +625,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
             if nl is None:
                 return None
             R, cell = self.problem.physical(X, cell_ref)
-            return nl.allocate(R, cell, extra_capacity=extra)
+            return _stable_metadata(nl.allocate(R, cell, extra_capacity=extra), self._cell_list_fns)
 
         carry = init(X0, params, cell_ref, allocate(X0))
         show = _progress_enabled(progress)
@@ -644,7 +690,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         relaxed = system.replace(positions=R, cell=cell) if system.pbc else system.replace(positions=R)
         if self.relax_cell:
             self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
-        neighbor = None if nl is None else nl.allocate(relaxed.positions, relaxed.cell)
+        neighbor = None if nl is None else _stable_metadata(nl.allocate(relaxed.positions, relaxed.cell), self._cell_list_fns)
         energy, forces, sigma = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
         f = float(_max_norm(forces))
         s = 0.0 if sigma is None else float(jnp.max(jnp.abs(sigma)))
