@@ -38,7 +38,7 @@ import numpy as np
 from mdsens.implicit import linear_solve as _ls
 from mdsens.implicit.root import LinearSolveError, root_jvp
 from mdsens.md import zero_modes as _zm
-from mdsens.md.sensitivity import _prepare, voigt_names, voigt_strain_matrix
+from mdsens.md.sensitivity import _prepare, deformation_gradient, voigt_names
 
 __all__ = ["ElasticConstants", "elastic_constants"]
 
@@ -135,7 +135,7 @@ class _StrainEnergy:
         self.n_voigt = len(voigt_names(system.dim))
 
     def __call__(self, U, eps_v):
-        Fm = jnp.eye(self.dim, dtype=jnp.float64) + voigt_strain_matrix(eps_v, self.dim)
+        Fm = deformation_gradient(eps_v, self.dim)
         return self.energy(U @ Fm, self.params, self.cell @ Fm, self.neighbor)
 
 

@@ -78,6 +78,7 @@ __all__ = [
     "STRICT_FMAX",
     "voigt_names",
     "voigt_strain_matrix",
+    "deformation_gradient",
 ]
 
 #: Largest per-atom force (force units) that ``strict=True`` accepts.
@@ -112,6 +113,12 @@ def voigt_strain_matrix(eps_voigt, dim: int):
         else:
             eps = eps.at[a, b].add(0.5 * eps_voigt[I]).at[b, a].add(0.5 * eps_voigt[I])
     return eps
+
+
+def deformation_gradient(eps_voigt, dim: int):
+    """``I + ε`` for Voigt strain components: the affine map applied to positions and
+    cell rows (``R (I+ε)``, ``cell (I+ε)``), i.e. strain at fixed fractional coordinates."""
+    return jnp.eye(dim, dtype=jnp.float64) + voigt_strain_matrix(eps_voigt, dim)
 
 
 # ------------------------------------------------------------------------ the problem
@@ -376,19 +383,6 @@ def _columns(F, R, theta, tangents, basis, solve):
     return dR, info, b_norm, beta, gamma, g, g_norm
 
 
-def _strain_energy(energy, system, params, neighbor):
-    """``E_s(U, ε_voigt) = E(U (I+ε), θ, cell (I+ε))``."""
-    dim = system.dim
-    eye = jnp.eye(dim, dtype=jnp.float64)
-    cell = system.cell
-
-    def E_s(U, eps_v):
-        Fm = eye + voigt_strain_matrix(eps_v, dim)
-        return energy(U @ Fm, params, cell @ Fm, neighbor)
-
-    return E_s
-
-
 def _null_basis(prob, check_stability, stability_options):
     system = prob.system
     if check_stability:
@@ -462,10 +456,9 @@ class make_sensitivity:  # noqa: N801  (a function that returns a function, like
         energy, system = prob.energy, prob.system
         if self.wrt == "cell":
             dim = system.dim
-            eye = jnp.eye(dim, dtype=jnp.float64)
 
             def E_theta(U, eps_v, cell, nb, params):
-                Fm = eye + voigt_strain_matrix(eps_v, dim)
+                Fm = deformation_gradient(eps_v, dim)
                 return energy(U @ Fm, params, cell @ Fm, nb)
         else:
             _, unravel = ravel_pytree(prob.params)
@@ -662,14 +655,13 @@ class make_observable_gradient:  # noqa: N801
         solve, policy = self.solve, self.on_solve_failure
         if self.wrt == "cell":
             dim = system.dim
-            eye = jnp.eye(dim, dtype=jnp.float64)
 
             def E_theta(U, eps_v, cell, nb, params):
-                Fm = eye + voigt_strain_matrix(eps_v, dim)
+                Fm = deformation_gradient(eps_v, dim)
                 return energy(U @ Fm, params, cell @ Fm, nb)
 
             def O(U, eps_v, cell, params):
-                Fm = eye + voigt_strain_matrix(eps_v, dim)
+                Fm = deformation_gradient(eps_v, dim)
                 return observable(U @ Fm, params, cell @ Fm)
         else:
             _, unravel = ravel_pytree(prob.params)
