@@ -239,17 +239,30 @@ def bench_elastic(system, pot):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="N up to 1e5 (soft spheres) and 1e4 (SW)")
+    ap.add_argument("--soft-sizes", type=int, nargs="*", help="soft-sphere N values (overrides the default)")
+    ap.add_argument("--si-reps", type=int, nargs="*", help="SW diamond supercell repeats (8·r³ atoms)")
+    ap.add_argument("--no-unroll", action="store_true", help="skip the unrolled-FIRE column")
+    ap.add_argument("--no-jaxopt", action="store_true", help="skip the JAXopt columns")
+    ap.add_argument("--no-elastic", action="store_true", help="skip the elastic-constants comparison")
     args = ap.parse_args()
     soft_sizes = [128, 512, 2048] + ([8192, 32768, 100_000] if args.full else [])
     si_reps = [2, 3] + ([5, 8, 14] if args.full else [])  # 64, 216 (, 1000, 4096, 21952)
+    if args.soft_sizes is not None:
+        soft_sizes = args.soft_sizes
+    if args.si_reps is not None:
+        si_reps = args.si_reps
+    unroll_scale = 0 if args.no_unroll else 1
+    if args.no_jaxopt:
+        global jaxopt
+        jaxopt = None
     print(format_machine())
     print(f"jaxopt: {'available' if jaxopt is not None else 'missing (columns skipped)'}")
     rows = []
     for n in soft_sizes:
-        rows.append(bench_one(*soft_packing(n), unroll_max=2e5, jaxopt_max=2048, jacrev_max=128)[0])
+        rows.append(bench_one(*soft_packing(n), unroll_max=2e5 * unroll_scale, jaxopt_max=2048, jacrev_max=128)[0])
         print(rows[-1], flush=True)
     for r in si_reps:
-        rows.append(bench_one(*si_crystal(r), unroll_max=5e4, jaxopt_max=216, jacrev_max=64)[0])
+        rows.append(bench_one(*si_crystal(r), unroll_max=5e4 * unroll_scale, jaxopt_max=216, jacrev_max=64)[0])
         print(rows[-1], flush=True)
 
     def ms_(x):
@@ -275,6 +288,8 @@ def main():
         print(headers)
         for t in table:
             print(t)
+    if args.no_elastic:
+        return
     print("\nelastic constants, SW Si (mdsens relaxed-ion vs jax-md athermal_moduli):")
     for rep in [2]:
         _, system, pot, _ = si_crystal(rep)
