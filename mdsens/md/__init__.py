@@ -7,7 +7,16 @@ from mdsens.md import neighbors, potentials, zero_modes
 from mdsens.md.elastic import ElasticConstants, elastic_constants
 from mdsens.md.implicit_relax import relax, rigid_null_space
 from mdsens.md.io import StructureFileError, read, write
-from mdsens.md.relax import NotConvergedWarning, RelaxError, RelaxResult, make_relax
+from mdsens.md.relax import (
+    MinimizeResult,
+    NotConvergedWarning,
+    RelaxError,
+    RelaxResult,
+    fire_minimize,
+    gradient_descent_map,
+    gradient_descent_minimize,
+    make_relax,
+)
 from mdsens.md.sensitivity import Sensitivity, observable_gradient, sensitivity
 from mdsens.md.system import StructureError, System
 from mdsens.md.zero_modes import NearSingularWarning, SaddlePointError
