@@ -15,8 +15,9 @@ steady-state calls (compile excluded, reported separately):
 * mdsens reverse: d/dθ of a scalar observable O = Σ w_i·R_i (one solve);
 * the same gradient by reverse-mode through jax-md FIRE unrolled for the same number
   of steps (only while N·steps is small);
-* JAXopt ``custom_root`` (CG, no null-space handling) for the scalar gradient, and the
-  full Jacobian via ``jacrev`` (small N only);
+* JAXopt ``custom_root`` (no null-space handling) for the scalar gradient (``solve_cg``,
+  tol 1e-10), and the full Jacobian via ``jacrev`` with its default solve (normal-equation
+  CG) (small N only);
 * central finite differences (two re-relaxations);
 
 and every method's relative error against the dense pseudo-inverse (N·d ≤ 2048) or the
@@ -194,7 +195,14 @@ def bench_one(label, system, pot, tangent, *, unroll_max, jaxopt_max, jacrev_max
         row["jaxopt_s"] = median_time(lambda: jo(0.0))
         row["jaxopt_err"] = abs(float(jo(0.0)) - ref_obs) / abs(ref_obs)
         if n <= jacrev_max:
-            jr = jax.jit(jax.jacrev(lambda th: solver(None, th)))
+            # The full Jacobian as a JAXopt user would get it: jacrev through custom_root
+            # with its default solve (CG on the normal equations). solve_cg here would run
+            # every one of the N·d singular solves to maxiter.
+            @jaxopt.implicit_diff.custom_root(F)
+            def solver_default(init, theta):
+                return R_star
+
+            jr = jax.jit(jax.jacrev(lambda th: solver_default(None, th)))
             row["jaxopt_jacrev_s"] = median_time(lambda: jr(0.0), repeats=1)
             J = np.asarray(jr(0.0))
             J = J - J.mean(0)
