@@ -388,8 +388,31 @@ def demo_sensitivities(ctx: DemoContext) -> None:
             print(constants.table(), file=ctx.out)
 
 
+def demo_figure(ctx: DemoContext) -> None:
+    """Section 3: the paper's arrow figure, dR*/dσ_A of the relaxed 2D packing."""
+    import numpy as np
+
+    from mdsens.md.sensitivity import sensitivity
+    from mdsens.plot import sensitivity_arrows
+
+    for case, _, pot, result, _ in ctx.results:
+        if case.label != "2D soft spheres" or not result.converged:
+            continue
+        direction = {k: np.zeros(np.shape(v)) for k, v in pot.params.items()}
+        direction["sigma"] = np.array([[1.0, 0.5], [0.5, 0.0]])  # σ_A grows by 1 (additive mixing)
+        sens = sensitivity(result, pot, wrt={"sigma_A": direction})
+        fig = sensitivity_arrows(result.system, sens.dpositions[0], radii={"A": 0.5, "B": 0.7},
+                                 label=r"$\mathrm{d}R^*/\mathrm{d}\sigma_A$", length_unit=r"$\sigma_A$",
+                                 displacement_unit="",
+                                 title=r"2D packing: response to the small diameter $\sigma_A$")
+        path = Path(ctx.args.output_dir or "out") / "packing_sensitivity.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        print(f"\nArrow figure (dR*/dσ_A, as in Blondel et al. 2022): {path}", file=ctx.out)
+
+
 #: Sections of ``mdsens demo``, run in order. Append ``f(ctx: DemoContext) -> None``.
-DEMO_SECTIONS: List[Callable[[DemoContext], None]] = [demo_relaxations, demo_sensitivities]
+DEMO_SECTIONS: List[Callable[[DemoContext], None]] = [demo_relaxations, demo_sensitivities, demo_figure]
 
 
 def cmd_sensitivity(args, out: TextIO, err: TextIO) -> int:

@@ -25,7 +25,7 @@ FMAX = 1e-9
 def cluster():
     system = read("data/lj13_ar.xyz")
     pot = LennardJones(sigma=3.4, epsilon=0.0104, r_cutoff=40.0, r_onset=35.0)
-    return system, pot, relax(system, pot, fmax=FMAX)
+    return system, pot, relax(system, pot, fmax=FMAX, progress=False)
 
 
 def test_cluster_scaling_laws_forward_and_reverse(cluster):

@@ -123,6 +123,10 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
     # Only a call being differentiated pays for the Hessian eigen-analysis.
     differentiating = _is_traced((params, system.positions, system.cell))
     neighbor_list = options.pop("neighbor_list", None)
+    # Options of the call, not of the compiled relaxation that make_relax builds.
+    progress = options.pop("progress", None)
+    if options.pop("stress_tol", None) is not None:
+        raise ValueError("stress_tol only applies with relax_cell=True.")
     use_nl = _nb.use_neighbor_list(system.n_atoms) if neighbor_list is None else bool(neighbor_list)
     cell = system.cell
     energy_fn = pot.energy_fn(system, neighbor_list=use_nl,
@@ -175,8 +179,7 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
             out = minimize(energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps, **kwargs)
             return out.positions, (out.steps, out.fmax)
         start = system.replace(positions=init) if cell is None else system.replace(positions=init, cell=cell)
-        result = host_relax(start, params, fmax=fmax, max_steps=max_steps,
-                            progress=options.get("progress"))
+        result = host_relax(start, params, fmax=fmax, max_steps=max_steps, progress=progress)
         host_results.append(result)
         if check_stability and differentiating:
             analyse_stability(result.system.positions, params, cell)
