@@ -57,6 +57,8 @@ except ImportError:
     jaxopt = None
 
 FMAX = 1e-10
+#: Iteration cap per JAXopt normal-CG solve in the full-Jacobian (jacrev) column.
+JAXOPT_JACREV_MAXITER = 500
 
 
 def median_time(fun, repeats=3):
@@ -198,7 +200,11 @@ def bench_one(label, system, pot, tangent, *, unroll_max, jaxopt_max, jacrev_max
             # The full Jacobian as a JAXopt user would get it: jacrev through custom_root
             # with its default solve (CG on the normal equations). solve_cg here would run
             # every one of the N·d singular solves to maxiter.
-            @jaxopt.implicit_diff.custom_root(F)
+            # Capped at JAXOPT_JACREV_MAXITER iterations per solve: with the default cap
+            # (10·N·d) the singular solves never stop early and N = 128 took > 9 min.
+            normal_cg = functools.partial(jaxopt.linear_solve.solve_normal_cg, maxiter=JAXOPT_JACREV_MAXITER)
+
+            @jaxopt.implicit_diff.custom_root(F, solve=normal_cg)
             def solver_default(init, theta):
                 return R_star
 
@@ -264,7 +270,8 @@ def main():
         global jaxopt
         jaxopt = None
     print(format_machine())
-    print(f"jaxopt: {'available' if jaxopt is not None else 'missing (columns skipped)'}")
+    print(f"jaxopt: {'available' if jaxopt is not None else 'missing (columns skipped)'}; "
+          f"jaxopt jacrev: default solve (normal-equation CG), maxiter {JAXOPT_JACREV_MAXITER} per solve")
     rows = []
     for n in soft_sizes:
         rows.append(bench_one(*soft_packing(n), unroll_max=2e5 * unroll_scale, jaxopt_max=2048, jacrev_max=128)[0])
