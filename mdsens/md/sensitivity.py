@@ -637,7 +637,7 @@ class make_observable_gradient:  # noqa: N801
     """
 
     def __init__(self, pot, system, observable, *, wrt="params", solve=None, tol=DEFAULT_TOL,
-                 strict=False, strict_fmax=STRICT_FMAX, check_stability=False,
+                 strict=False, strict_fmax=STRICT_FMAX, check_stability=True,
                  stability_options=None, on_solve_failure="raise"):
         if wrt not in ("params", "cell"):
             raise ValueError(f"wrt must be 'params' or 'cell'; got {wrt!r}.")
@@ -717,7 +717,7 @@ def observable_gradient(
     tol: float = DEFAULT_TOL,
     strict: bool = False,
     strict_fmax: float = STRICT_FMAX,
-    check_stability: bool = False,
+    check_stability: bool = True,
     stability_options: Optional[dict] = None,
     neighbor=None,
     on_solve_failure: str = "raise",
@@ -736,8 +736,11 @@ def observable_gradient(
       wrt: ``"params"`` (returns a dict like params) or ``"cell"`` (returns the
         ``(n_voigt,)`` derivative w.r.t. Voigt strain components at fixed fractional
         coordinates, engineering shear).
-      check_stability: run the stability check first (off by default: the gradient is
-        meant to be cheap; rigid modes only are then declared).
+      check_stability: run the stability check first (default, as in
+        :func:`sensitivity`): saddles are refused and soft modes such as rattlers join the
+        null space. An observable that touches a rattler otherwise makes CG break down
+        (a clear ``LinearSolveError``, seen on a 512-particle packing). ``False`` declares
+        the rigid modes only, which is cheaper and safe for a structure without soft modes.
       on_solve_failure: the core's policy for a solve that misses ``tol`` (``"raise"``:
         an error carrying the core's message, ``"warn"``, ``"ignore"``).
 
