@@ -38,7 +38,7 @@ API
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +126,23 @@ class Neighbors:
             f"Neighbors(N={self.idx.shape[0]}, capacity={self.idx.shape[1]}, "
             f"cutoff={self.cutoff:g})"
         )
+
+
+class NeighborIndices(NamedTuple):
+    """Just the ``idx (N, M)`` of a neighbor list: all a potential's energy reads from it."""
+
+    idx: jax.Array
+
+
+def indices_only(neighbor):
+    """The part of a neighbor list to pass into jitted code: ``NeighborIndices`` or None.
+
+    jax-md's ``NeighborList`` keeps ``cell_size`` (an array) and a fresh update closure as
+    static pytree metadata, so passing a newly allocated list into a jitted function
+    retraces and recompiles it every time (and array metadata can make the cache-key
+    comparison fail). Energies only need the indices, whose shape is the capacity.
+    """
+    return None if neighbor is None else NeighborIndices(neighbor_idx(neighbor))
 
 
 def neighbor_idx(neighbor):

@@ -60,6 +60,7 @@ import numpy as np
 from jax import lax
 from jax_md import minimize
 
+from mdsens.md import neighbors as _nb
 from mdsens.md.system import System
 
 __all__ = [
@@ -265,23 +266,6 @@ def _not_done(carry, tol_f, tol_s, n_target):
     return (carry.step < n_target) & ~converged & finite
 
 
-class _NeighborIndices(NamedTuple):
-    """Just the ``idx (N, M)`` of a neighbor list: all a potential reads from it."""
-
-    idx: jax.Array
-
-
-def _indices_only(neighbor):
-    """What FIRE's jitted step receives instead of the full neighbor list.
-
-    jax-md's ``NeighborList`` keeps ``cell_size`` (an array) as static pytree metadata;
-    passed through jax-md's own ``jit``-ed integrator step, that array becomes part of a
-    cache key, and a second compilation of the loop (e.g. the next call of
-    ``make_relax``) fails comparing it. The energy only needs the indices.
-    """
-    return None if neighbor is None else _NeighborIndices(neighbor.idx)
-
-
 def _stable_metadata(neighbor, cell_list_fns: dict):
     """The same list with jax-md's static metadata made cache-friendly.
 
@@ -323,7 +307,7 @@ def _fire(problem: _Problem, neighbor_update, *, dt_start, dt_max, maxstep, **fi
         if mass is None:
             mass = max_curvature(U, X, params, cell, neighbor)
         state = fire_init(
-            X, mass=jnp.asarray(mass, jnp.float64), params=params, cell=cell, neighbor=_indices_only(neighbor)
+            X, mass=jnp.asarray(mass, jnp.float64), params=params, cell=cell, neighbor=_nb.indices_only(neighbor)
         )
         fmax, smax = problem.residuals(X, -state.force, cell)
         return _Carry(state, neighbor, jnp.zeros((), jnp.int32), fmax, smax)
@@ -334,7 +318,7 @@ def _fire(problem: _Problem, neighbor_update, *, dt_start, dt_max, maxstep, **fi
             if nb is not None:
                 X_now, cell_now = problem.physical(c.state.position, cell)
                 nb = neighbor_update(X_now, nb, cell_now)
-            state = fire_apply(c.state, params=params, cell=cell, neighbor=_indices_only(nb))
+            state = fire_apply(c.state, params=params, cell=cell, neighbor=_nb.indices_only(nb))
             fmax, smax = problem.residuals(state.position, -state.force, cell)
             return _Carry(state, nb, c.step + 1, fmax, smax)
 
@@ -495,7 +479,6 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         step_size: Optional[float] = None,
         neighbor_options: Optional[dict] = None,
     ):
-        from mdsens.md import neighbors as _nb
 
         if method not in ("fire", "gradient_descent"):
             raise RelaxError(f"unknown method {method!r}; use 'fire' or 'gradient_descent'.")

@@ -150,6 +150,8 @@ def _prepare(result, pot, params, neighbor) -> _Problem:
         energy = pot.energy_fn(system, neighbor_list=use_nl, params=params)
         if use_nl and neighbor is None:
             neighbor = pot.neighbor_list(system, params)
+        # Indices only: a fresh jax-md list's static metadata would recompile every call.
+        neighbor = _nb.indices_only(neighbor)
     else:
         # Any object with the Potential contract's `params` and `energy_fn(system)`.
         energy = pot.energy_fn(system)
