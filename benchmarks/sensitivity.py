@@ -179,20 +179,36 @@ def bench_one(label, system, pot, tangent, *, unroll_max, jaxopt_max, jacrev_max
     row["fwd_rev_obs_diff"] = abs(rev - fwd_obs) / abs(ref_obs) if np.isfinite(rev) else None
     row["fd_err"] = float(np.linalg.norm(fd - ref) / nref) if row["ref"] == "pinv" else 0.0
 
-    # unrolled FIRE (reverse mode through a fixed number of jax-md steps)
+    # Unrolled FIRE: reverse mode through plain jax-md FIRE (its default time steps), run
+    # for as many steps as it needs to reach the same fmax from the same start, so that
+    # it differentiates the same minimum.
     if n * res.steps <= unroll_max:
         from jax_md import minimize
 
-        steps = int(res.steps)
-
-        def unrolled(theta):
-            p = add(params, tangent, 0.0)
-            p = {k: p[k] + theta * jnp.asarray(tangent[k], jnp.float64) for k in p}
+        def fire_fns(p):
             U = lambda R, **kw: E(R, p, cell, nb)  # noqa: E731
             shift = lambda R, dR, **kw: R + dR  # noqa: E731
-            init, apply = minimize.fire_descent(U, shift, dt_start=0.01, dt_max=0.05)
-            state = init(system.positions)
-            state = jax.lax.scan(lambda s, _: (apply(s), None), state, None, length=steps)[0]
+            return minimize.fire_descent(U, shift)
+
+        init0, apply0 = fire_fns(params)
+        cap = 20 * int(res.steps)
+
+        @jax.jit
+        def steps_to_converge(R0):
+            def cond(c):
+                st, k = c
+                return (jnp.max(jnp.linalg.norm(st.force, axis=1)) >= FMAX) & (k < cap)
+
+            return jax.lax.while_loop(cond, lambda c: (apply0(c[0]), c[1] + 1), (init0(R0), 0))[1]
+
+        steps = int(steps_to_converge(system.positions))
+        row["unroll_steps"] = steps
+
+        def unrolled(theta):
+            p = {k: jnp.asarray(params[k], jnp.float64) + theta * jnp.asarray(tangent[k], jnp.float64)
+                 for k in params}
+            init, apply = fire_fns(p)
+            state = jax.lax.scan(lambda st, _: (apply(st), None), init(system.positions), None, length=steps)[0]
             return jnp.sum(w * state.position)
 
         ug = jax.jit(jax.grad(unrolled))
