@@ -304,6 +304,12 @@ def error_curve(
         x, y = next(iter(series.values()))
         text = r"$\propto \|\hat x - x^*\|$" if reference_slope == 1 else rf"slope {reference_slope:g}"
         _guide(ax, x, y, reference_slope, f"{text} (Theorem 1)" if reference_slope == 1 else text)
+    _finish_loglog(ax, xlabel, ylabel, title)
+    return fig
+
+
+def _finish_loglog(ax, xlabel, ylabel, title):
+    """Log–log axes with labels (units), a light grid, an optional title and a legend."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -312,7 +318,6 @@ def error_curve(
     if title:
         ax.set_title(title)
     ax.legend(fontsize="small")
-    return fig
 
 
 # -------------------------------------------------------------------------- scaling plot
@@ -348,14 +353,7 @@ def scaling_plot(
         x, y = next(iter(series.values()))
         for s in reference_slopes:
             _guide(ax, x, y, s, rf"$\propto N^{{{s:g}}}$", anchor="first")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="major", alpha=0.3)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize="small")
+    _finish_loglog(ax, xlabel, ylabel, title)
     return fig
 
 
