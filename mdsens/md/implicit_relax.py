@@ -41,7 +41,7 @@ from mdsens.implicit import custom_root, linear_solve
 from mdsens.md import neighbors as _nb
 from mdsens.md import relax as _relax
 from mdsens.md import zero_modes as _zm
-from mdsens.md.potentials.base import stress_from_energy
+from mdsens.md.potentials.base import energy_forces_stress
 from mdsens.md.system import System
 
 __all__ = ["relax", "relaxation_condition", "rigid_null_space"]
@@ -191,14 +191,13 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
     neighbor = None if nl is None else nl.update(R, seed, cell)
     if nl is not None and not _is_traced(R) and neighbor.needs_reallocation():
         neighbor = nl.allocate(jax.lax.stop_gradient(R), cell)
-    energy, grad = jax.value_and_grad(energy_fn)(R, params, cell, neighbor)
-    stress = None if cell is None else stress_from_energy(energy_fn, R, params, cell, neighbor)
+    energy, forces, stress = energy_forces_stress(energy_fn, R, params, cell, neighbor)
     if host_results:
         host = host_results[-1]
-        return _relax.RelaxResult(relaxed, energy, -grad, host.fmax, host.steps, host.converged, stress)
+        return _relax.RelaxResult(relaxed, energy, forces, host.fmax, host.steps, host.converged, stress)
     converged = fmax_now < fmax
     jax.debug.callback(functools.partial(_warn_if_not_converged, fmax, max_steps), fmax_now, steps)
-    return _relax.RelaxResult(relaxed, energy, -grad, fmax_now, steps, converged, stress)
+    return _relax.RelaxResult(relaxed, energy, forces, fmax_now, steps, converged, stress)
 
 
 def _warn_if_not_converged(target, max_steps, fmax_now, steps):

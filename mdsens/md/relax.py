@@ -61,6 +61,7 @@ from jax import lax
 from jax_md import minimize
 
 from mdsens.md import neighbors as _nb
+from mdsens.md.potentials.base import energy_forces_stress
 from mdsens.md.system import System
 
 __all__ = [
@@ -524,22 +525,8 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         self._compiled = (init_j, jax.jit(run), position_of)
 
     def _evaluate_impl(self, R, params, cell, neighbor):
-        """Energy, forces and (periodic) full stress tensor at physical (R, cell)."""
-        E = self.energy_fn
-        if cell is None:
-            energy, grad = jax.value_and_grad(E)(R, params, cell, neighbor)
-            return energy, -grad, None
-        dim = R.shape[1]
-        eye = jnp.eye(dim, dtype=jnp.float64)
-
-        def strained(R, eps):
-            # At eps = 0: d/dR is ∇E and d/deps is V σ, from one gradient evaluation.
-            F = eye + 0.5 * (eps + eps.T)
-            return E(R @ F, params, cell @ F, neighbor)
-
-        zero = jnp.zeros((dim, dim), jnp.float64)
-        energy, (grad, dstrain) = jax.value_and_grad(strained, argnums=(0, 1))(R, zero)
-        return energy, -grad, dstrain / jnp.abs(jnp.linalg.det(cell))
+        """Energy, forces and (periodic) Voigt stress at physical (R, cell), one gradient."""
+        return energy_forces_stress(self.energy_fn, R, params, cell, neighbor)
 
     # -- host orchestration -------------------------------------------------------------
     def _check_compatible(self, system):
@@ -674,9 +661,10 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         if self.relax_cell:
             self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
         neighbor = None if nl is None else _stable_metadata(nl.allocate(relaxed.positions, relaxed.cell), self._cell_list_fns)
-        energy, forces, sigma = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
+        energy, forces, stress = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
         f = float(_max_norm(forces))
-        s = 0.0 if sigma is None else float(jnp.max(jnp.abs(sigma)))
+        # Voigt holds every distinct component of the symmetric tensor: same max |σ_ab|.
+        s = 0.0 if stress is None else float(jnp.max(jnp.abs(stress)))
         if not (np.isfinite(float(energy)) and np.isfinite(f) and np.isfinite(s)):
             raise RelaxError(f"the relaxed {system!r} has a NaN/inf energy or forces.")
         steps = int(carry.step)
@@ -692,7 +680,6 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
                 NotConvergedWarning,
                 stacklevel=3,
             )
-        stress = None if sigma is None else _voigt(sigma)
         return RelaxResult(relaxed, energy, forces, f, steps, bool(converged), stress)
 
 
@@ -780,12 +767,6 @@ def _remove_rotation(R, cell, F):
     u, _, vt = np.linalg.svd(np.asarray(F))
     q = u @ vt
     return R @ q.T, cell @ q.T
-
-
-def _voigt(sigma):
-    if sigma.shape == (3, 3):
-        return jnp.stack([sigma[0, 0], sigma[1, 1], sigma[2, 2], sigma[1, 2], sigma[0, 2], sigma[0, 1]])
-    return jnp.stack([sigma[0, 0], sigma[1, 1], sigma[0, 1]])
 
 
 def _progress_enabled(progress: Optional[bool]) -> bool:

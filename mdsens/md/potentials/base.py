@@ -393,6 +393,28 @@ def stress_from_energy(E, positions, params, cell, neighbor=None):
     return full_to_voigt(sigma)
 
 
+def energy_forces_stress(E, positions, params, cell=None, neighbor=None):
+    """``(energy, forces, stress)`` of an mdsens energy function from one gradient pass.
+
+    ``d/dR`` and ``d/dε`` of the affinely strained energy at ``ε = 0`` are ``∇E`` and
+    ``V σ``. Stress in ASE's sign and Voigt order (eV/Å³; 2D: (xx, yy, xy) in eV/Å²);
+    ``None`` for a free system. Differentiable, jit-able.
+    """
+    if cell is None:
+        energy, grad = jax.value_and_grad(E)(positions, params, cell, neighbor)
+        return energy, -grad, None
+    dim = positions.shape[1]
+    eye = jnp.eye(dim, dtype=jnp.float64)
+
+    def strained(R, eps):
+        F = eye + 0.5 * (eps + eps.T)
+        return E(R @ F, params, cell @ F, neighbor)
+
+    zero = jnp.zeros((dim, dim), jnp.float64)
+    energy, (grad, dstrain) = jax.value_and_grad(strained, argnums=(0, 1))(positions, zero)
+    return energy, -grad, full_to_voigt(dstrain / jnp.abs(jnp.linalg.det(cell)))
+
+
 def full_to_voigt(sigma):
     """(3, 3) -> (xx, yy, zz, yz, xz, xy); (2, 2) -> (xx, yy, xy)."""
     if sigma.shape == (3, 3):
