@@ -45,3 +45,12 @@ def headless():
     """Non-interactive matplotlib (the examples only write files)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     sys.stdout.reconfigure(line_buffering=True)
+
+
+def save_figure(fig, out: pathlib.Path, name: str, timer: "Timer", dpi: int = 110) -> pathlib.Path:
+    """Write ``fig`` as ``out/name``, report it and the script's total wall time."""
+    path = out / name
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}")
+    print(f"total {timer.total():.1f} s")
+    return path

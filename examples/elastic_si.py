@@ -67,10 +67,7 @@ def main(argv=None):
     elastic_matrix(C.relaxation, ax=axes[2], vmax=vmax,
                    title=r"internal relaxation $C - C^0 = -\Lambda^T H^+ \Lambda / V$")
     fig.suptitle(f"Stillinger–Weber Si, {system.n_atoms} atoms, a = 5.431 Å: elastic constants (GPa)")
-    path = out / "elastic_si.png"
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
-    print(f"total {timer.total():.1f} s")
+    _common.save_figure(fig, out, "elastic_si.png", timer, dpi=100)
     return worst
 
 

@@ -105,10 +105,7 @@ def main(argv=None):
     ax2.set_xlabel("iteration")
     ax2.set_ylabel(r"loss $\|R^*(\sigma) - R_\mathrm{target}\|^2$ (Å²)")
     fig.suptitle("Fitting Lennard-Jones σ to a relaxed Ar$_{13}$ cluster (jax.grad through ms.relax)")
-    path = out / "fit_potential.png"
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
-    print(f"total {timer.total():.1f} s")
+    _common.save_figure(fig, out, "fit_potential.png", timer, dpi=110)
     return sigma_fit
 
 

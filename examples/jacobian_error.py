@@ -128,10 +128,7 @@ def main(argv=None):
         ylabel=r"Jacobian error $\|J_k - J^*\|\,/\,\|J^*\|$ (relative)",
         title=f"Theorem 1 on the 2D packing (N = {system.n_atoms}): " r"$\mathrm{d}R^*/\mathrm{d}\sigma_A$",
     )
-    path = out / "jacobian_error.png"
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
-    print(f"total {timer.total():.1f} s")
+    _common.save_figure(fig, out, "jacobian_error.png", timer, dpi=110)
     return slope, ratio
 
 

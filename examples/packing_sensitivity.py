@@ -94,10 +94,7 @@ def main(argv=None):
         label=r"$\mathrm{d}R^*/\mathrm{d}\sigma_A$", length_unit=r"$\sigma_A$", displacement_unit="",
         title=f"Relaxed packing, N = {system.n_atoms}: response to the small diameter $\\sigma_A$",
     )
-    path = out / "packing_sensitivity.png"
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
-    print(f"total {timer.total():.1f} s")
+    _common.save_figure(fig, out, "packing_sensitivity.png", timer, dpi=110)
     return rel
 
 
