@@ -38,9 +38,9 @@ import numpy as np
 from mdsens.implicit import linear_solve as _ls
 from mdsens.implicit.root import LinearSolveError, root_jvp
 from mdsens.md import zero_modes as _zm
-from mdsens.md.sensitivity import _prepare, deformation_gradient, voigt_names
+from mdsens.md.sensitivity import _ProblemBuilder, deformation_gradient, voigt_names
 
-__all__ = ["ElasticConstants", "elastic_constants"]
+__all__ = ["ElasticConstants", "elastic_constants", "make_elastic_constants"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +108,14 @@ class ElasticConstants:
 
 
 def _internal(E_s, R, basis, solve):
-    """Born Hessian, internal strain dU/dε and Λ·dU, jit-able."""
+    """Born Hessian, internal strain dU/dε and Λ·dU, jit-able.
+
+    ``E_s(U, ε_voigt)`` is the strain energy; one forward solve per Voigt component,
+    batched with ``vmap``.
+    """
+    n_voigt = len(voigt_names(R.shape[1]))
     F = jax.grad(E_s)
-    theta0 = jnp.zeros((E_s.n_voigt,), jnp.float64)
+    theta0 = jnp.zeros((n_voigt,), jnp.float64)
     born = jax.hessian(E_s, argnums=1)(R, theta0)
     nullspace = lambda x, th: basis  # noqa: E731
 
@@ -120,23 +125,86 @@ def _internal(E_s, R, basis, solve):
         lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
         return dU, lam, info
 
-    dU, lam, info = jax.vmap(one)(jnp.eye(E_s.n_voigt, dtype=jnp.float64))
+    dU, lam, info = jax.vmap(one)(jnp.eye(n_voigt, dtype=jnp.float64))
     correction = jnp.einsum("jnd,ind->ij", lam, dU)  # Λ_Jᵀ dU_I = −Λ_Jᵀ H⁺ Λ_I
     stress_v = jax.grad(E_s, argnums=1)(R, theta0)
     return born, correction, dU, info, stress_v
 
 
-class _StrainEnergy:
-    """``E_s(U, ε_voigt) = E(U (I+ε), θ, cell (I+ε))`` (a callable with ``n_voigt``)."""
+class make_elastic_constants:  # noqa: N801  (a function that returns a function, like make_relax)
+    """A reusable, compiled :func:`elastic_constants` for structures shaped like ``system``.
 
-    def __init__(self, energy, system, params, neighbor):
-        self.energy, self.params, self.neighbor = energy, params, neighbor
-        self.dim, self.cell = system.dim, system.cell
-        self.n_voigt = len(voigt_names(system.dim))
+    ``elastic_fn = make_elastic_constants(pot, system)``; ``elastic_fn(result, params=None)``
+    returns :class:`ElasticConstants`. The first call compiles the Born Hessian and the
+    ``n_voigt`` batched solves; later calls with the same layout reuse them. Options are
+    those of :func:`elastic_constants`.
+    """
 
-    def __call__(self, U, eps_v):
-        Fm = deformation_gradient(eps_v, self.dim)
-        return self.energy(U @ Fm, self.params, self.cell @ Fm, self.neighbor)
+    def __init__(self, pot, system, *, solve: Optional[Callable] = None, tol: float = 1e-10,
+                 check_stability: bool = True, stability_options: Optional[dict] = None):
+        if not system.pbc:
+            raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
+        self.pot = pot
+        self.tol = float(tol)
+        self.solve = solve or functools.partial(_ls.cg, tol=tol)
+        self.check_stability = bool(check_stability)
+        self.stability_options = stability_options
+        self._problem = _ProblemBuilder(pot)
+        self._compiled = {}
+
+    def _compile(self, prob):
+        energy, dim, solve = prob.energy, prob.system.dim, self.solve
+
+        def run(R, basis, params, cell, nb):
+            def E_s(U, eps_v):
+                Fm = deformation_gradient(eps_v, dim)
+                return energy(U @ Fm, params, cell @ Fm, nb)
+
+            return _internal(E_s, R, basis, solve)
+
+        return jax.jit(run)
+
+    def __call__(self, result, params=None, neighbor=None) -> ElasticConstants:
+        prob = self._problem(result, params, neighbor)
+        system = prob.system
+        if not system.pbc:
+            raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
+        if self.check_stability:
+            e = lambda R: prob.energy(R, prob.params, system.cell, prob.neighbor)  # noqa: E731
+            basis = _zm.stability(e, system.positions, True, **(self.stability_options or {})).basis
+        else:
+            basis = _zm.rigid_modes(system.positions, True)
+        key = (system.n_atoms, system.dim, tuple(np.asarray(system.species).tolist()),
+               tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())),
+               prob.neighbor is None, np.shape(basis))
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(prob)
+        born, correction, dU, info, stress_v = self._compiled[key](
+            system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor)
+        if not bool(np.all(np.asarray(info.converged))):
+            raise LinearSolveError(
+                f"the internal-relaxation solves missed tol={self.tol:g} (relative residuals "
+                f"{np.asarray(info.relative_residual)}). Relax tighter, or check for soft modes "
+                "(check_stability=True), or pass solve=functools.partial(ms.linear_solve.minres, ...)."
+            )
+        V = float(system.volume)
+        born = np.asarray(born) / V
+        corr = np.asarray(correction) / V
+        scale = max(np.abs(born).max(), 1e-300)
+        asym = float(np.abs(corr - corr.T).max() / scale)
+        clamped = 0.5 * (born + born.T)
+        relaxed = clamped + 0.5 * (corr + corr.T)
+        return ElasticConstants(
+            clamped=clamped,
+            relaxed=relaxed,
+            volume=V,
+            stress=np.asarray(stress_v) / V,
+            internal_strain=np.asarray(dU),
+            unit="eV/Å³" if system.dim == 3 else "eV/Å²",
+            solve_residual=np.asarray(info.relative_residual),
+            asymmetry=asym,
+            n_zero_modes=int(np.asarray(basis).shape[0]),
+        )
 
 
 def elastic_constants(
@@ -161,47 +229,16 @@ def elastic_constants(
       neighbor: neighbor list to use (default: built when the potential uses one).
 
     Returns:
-      :class:`ElasticConstants` in eV/Å³ (eV/Å² in 2D).
+      :class:`ElasticConstants` in eV/Å³ (eV/Å² in 2D). Compiles on every call; use
+      :class:`make_elastic_constants` to reuse the compiled solves across structures or
+      parameters.
 
     Raises:
       ValueError: a free (non-periodic) system.
       SaddlePointError: negative curvature at the input.
       LinearSolveError: an internal-relaxation solve missed ``tol``.
     """
-    prob = _prepare(result, pot, params, neighbor)
-    system = prob.system
-    if not system.pbc:
-        raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
-    solve = solve or functools.partial(_ls.cg, tol=tol)
-    if check_stability:
-        e = lambda R: prob.energy(R, prob.params, system.cell, prob.neighbor)  # noqa: E731
-        basis = _zm.stability(e, system.positions, True, **(stability_options or {})).basis
-    else:
-        basis = _zm.rigid_modes(system.positions, True)
-    E_s = _StrainEnergy(prob.energy, system, prob.params, prob.neighbor)
-    born, correction, dU, info, stress_v = jax.jit(
-        lambda R, B: _internal(E_s, R, B, solve))(system.positions, jnp.asarray(basis))
-    if not bool(np.all(np.asarray(info.converged))):
-        raise LinearSolveError(
-            f"the internal-relaxation solves missed tol={tol:g} (relative residuals "
-            f"{np.asarray(info.relative_residual)}). Relax tighter, or check for soft modes "
-            "(check_stability=True), or pass solve=functools.partial(ms.linear_solve.minres, ...)."
-        )
-    V = float(system.volume)
-    born = np.asarray(born) / V
-    corr = np.asarray(correction) / V
-    scale = max(np.abs(born).max(), 1e-300)
-    asym = float(np.abs(corr - corr.T).max() / scale)
-    clamped = 0.5 * (born + born.T)
-    relaxed = clamped + 0.5 * (corr + corr.T)
-    return ElasticConstants(
-        clamped=clamped,
-        relaxed=relaxed,
-        volume=V,
-        stress=np.asarray(stress_v) / V,
-        internal_strain=np.asarray(dU),
-        unit="eV/Å³" if system.dim == 3 else "eV/Å²",
-        solve_residual=np.asarray(info.relative_residual),
-        asymmetry=asym,
-        n_zero_modes=int(np.asarray(basis).shape[0]),
-    )
+    system = getattr(result, "system", result)
+    fn = make_elastic_constants(pot, system, solve=solve, tol=tol, check_stability=check_stability,
+                                stability_options=stability_options)
+    return fn(result, params=params, neighbor=neighbor)

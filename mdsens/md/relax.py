@@ -129,6 +129,10 @@ class RelaxResult(NamedTuple):
         ``relax_cell``) confirmed with a fresh neighbor list, bool. Never True otherwise.
       stress: Voigt stress in ASE's convention (xx, yy, zz, yz, xz, xy) in eV/Å³
         ((xx, yy, xy), eV/Å², in 2D) for periodic systems, else ``None``.
+      neighbor: the neighbor list freshly built at the relaxed structure
+        (:class:`mdsens.md.neighbors.Neighbors`), ``None`` on the dense path.
+        ``ms.sensitivity``, ``ms.observable_gradient`` and ``ms.elastic_constants``
+        reuse it when it covers the potential's range, instead of building another.
     """
 
     system: System
@@ -138,6 +142,7 @@ class RelaxResult(NamedTuple):
     steps: int
     converged: bool
     stress: Optional[jax.Array] = None
+    neighbor: Any = None
 
 
 # ------------------------------------------------------------------ problem definitions
@@ -492,7 +497,9 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         self.method = method
         self.relax_cell = bool(relax_cell)
         self.chunk_size = int(chunk_size)
-        self.use_nl = _nb.use_neighbor_list(system.n_atoms) if neighbor_list is None else bool(neighbor_list)
+        # The potential's own switch (Tersoff: 128 atoms, its dense path is O(N³)).
+        min_atoms = getattr(pot, "neighbor_list_min_atoms", _nb.NEIGHBOR_LIST_MIN_ATOMS)
+        self.use_nl = _nb.use_neighbor_list(system.n_atoms, min_atoms) if neighbor_list is None else bool(neighbor_list)
         self.cell_factor = float(system.n_atoms if cell_factor is None else cell_factor)
         self.options = dict(maxstep=maxstep, dt_start=dt_start, dt_max=dt_max, step_size=step_size)
         self.energy_fn = pot.energy_fn(system, neighbor_list=self.use_nl)
@@ -680,7 +687,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
                 NotConvergedWarning,
                 stacklevel=3,
             )
-        return RelaxResult(relaxed, energy, forces, f, steps, bool(converged), stress)
+        return RelaxResult(relaxed, energy, forces, f, steps, bool(converged), stress, neighbor)
 
 
 def relax(

@@ -133,30 +133,68 @@ class _Problem:
     converged: Optional[bool]
 
 
-def _prepare(result, pot, params, neighbor) -> _Problem:
-    system = getattr(result, "system", result)
-    if not hasattr(system, "positions"):
-        raise TypeError(
-            "sensitivity needs a RelaxResult (from ms.relax) or a System; got "
-            f"{type(result).__name__}."
-        )
-    params = pot.params if params is None else params
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), dict(params))
-    from mdsens.md import neighbors as _nb
-    from mdsens.md.potentials.base import Potential
+def _relaxation_neighbors(result, system, cutoff):
+    """The list a ``RelaxResult`` was confirmed with, if still valid for ``system``.
 
-    if isinstance(pot, Potential):
-        use_nl = neighbor is not None or _nb.use_neighbor_list(system.n_atoms)
-        energy = pot.energy_fn(system, neighbor_list=use_nl, params=params)
-        if use_nl and neighbor is None:
-            neighbor = pot.neighbor_list(system, params)
-        # Indices only: a fresh jax-md list's static metadata would recompile every call.
-        neighbor = _nb.indices_only(neighbor)
-    else:
-        # Any object with the Potential contract's `params` and `energy_fn(system)`.
-        energy = pot.energy_fn(system)
-    converged = getattr(result, "converged", None)
-    return _Problem(system, params, energy, neighbor, None if converged is None else bool(converged))
+    It was built at the relaxed positions; it serves only if the caller's system is that
+    very structure and the list covers ``cutoff`` (a parameter may have grown the range).
+    """
+    nb = getattr(result, "neighbor", None)
+    if nb is None or getattr(nb, "cutoff", 0.0) < cutoff or nb.idx.shape[0] != system.n_atoms:
+        return None
+    return nb if getattr(result, "system", None) is system else None
+
+
+class _ProblemBuilder:
+    """Turns ``(result, params, neighbor)`` into a :class:`_Problem` for one potential.
+
+    Reused by the ``make_*`` callables across calls: a fresh jax-md neighbor-list
+    function recompiles its allocation (0.5 s at N = 512, more than the derivative
+    itself), and a fresh energy closure recompiles everything jitted around it. So the
+    energy function is built once per system layout, and the neighbor-list function
+    once per interaction range (again only when a parameter grows the range).
+    """
+
+    def __init__(self, pot):
+        self.pot = pot
+        self._energy = {}
+        self._nl = None
+
+    def __call__(self, result, params, neighbor) -> _Problem:
+        system = getattr(result, "system", result)
+        if not hasattr(system, "positions"):
+            raise TypeError(
+                "sensitivity needs a RelaxResult (from ms.relax) or a System; got "
+                f"{type(result).__name__}."
+            )
+        pot = self.pot
+        params = pot.params if params is None else params
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), dict(params))
+        from mdsens.md import neighbors as _nb
+        from mdsens.md.potentials.base import Potential
+
+        if isinstance(pot, Potential):
+            params = pot.check(system, params)  # species, finite values, cutoff vs cell
+            use_nl = neighbor is not None or _nb.use_neighbor_list(system.n_atoms, pot.neighbor_list_min_atoms)
+            layout = (system.n_atoms, system.dim, system.pbc, system.symbols,
+                      tuple(np.asarray(system.species).tolist()), use_nl)
+            if layout not in self._energy:
+                self._energy[layout] = pot.energy_fn(system, neighbor_list=use_nl, params=params)
+            energy = self._energy[layout]
+            if use_nl and neighbor is None:
+                neighbor = _relaxation_neighbors(result, system, pot.cutoff(params))
+            if use_nl and neighbor is None:
+                nl = self._nl
+                if nl is None or nl.cutoff < pot.cutoff(params) or nl.n_atoms != system.n_atoms:
+                    nl = self._nl = pot.neighbor_list_fn(system, params)
+                neighbor = nl.allocate(system.positions, system.cell)
+            # Indices only: a fresh jax-md list's static metadata would recompile every call.
+            neighbor = _nb.indices_only(neighbor)
+        else:
+            # Any object with the Potential contract's `params` and `energy_fn(system)`.
+            energy = pot.energy_fn(system)
+        converged = getattr(result, "converged", None)
+        return _Problem(system, params, energy, neighbor, None if converged is None else bool(converged))
 
 
 def _param_labels(params: dict) -> tuple:
@@ -358,6 +396,31 @@ class Sensitivity:
 
 
 # ------------------------------------------------------------------------ machinery
+def _energy_of_theta(prob, wrt):
+    """``E_θ(x, θ, cell, nb, params)``: the energy as a function of what is differentiated.
+
+    ``wrt="cell"``: ``x = U`` and ``θ`` the Voigt strain, ``E(U (I+ε), params, cell (I+ε))``
+    (strain at fixed fractional coordinates). Otherwise ``x = R`` and ``θ`` the flat
+    parameter vector (``ravel_pytree`` order; ``params`` is then unused). Everything that
+    varies between calls is an argument, so a compiled solve serves any structure and
+    parameters with the same layout.
+    """
+    energy = prob.energy
+    if wrt == "cell":
+        dim = prob.system.dim
+
+        def E_theta(U, eps_v, cell, nb, params):
+            Fm = deformation_gradient(eps_v, dim)
+            return energy(U @ Fm, params, cell @ Fm, nb)
+    else:
+        _, unravel = ravel_pytree(prob.params)
+
+        def E_theta(x, th, cell, nb, params):
+            return energy(x, unravel(th), cell, nb)
+
+    return E_theta
+
+
 def _columns(F, R, theta, tangents, basis, solve):
     """vmapped forward implicit derivatives and Theorem-1 diagnostics (jit-able).
 
@@ -447,32 +510,13 @@ class make_sensitivity:  # noqa: N801  (a function that returns a function, like
         self.on_solve_failure = on_solve_failure
         if wrt == "cell" and not system.pbc:
             raise ValueError("wrt='cell' needs a periodic system; this one is free (pbc=False).")
+        self._problem = _ProblemBuilder(pot)
         self._compiled = {}
-
-    def _functions(self, prob):
-        """(F, E_θ), both ``(R, θ, cell, nb, params) -> ...``, for this parametrization.
-
-        Everything that varies between calls is an argument, so a compiled solve can be
-        reused for any structure and parameters with the same layout.
-        """
-        energy, system = prob.energy, prob.system
-        if self.wrt == "cell":
-            dim = system.dim
-
-            def E_theta(U, eps_v, cell, nb, params):
-                Fm = deformation_gradient(eps_v, dim)
-                return energy(U @ Fm, params, cell @ Fm, nb)
-        else:
-            _, unravel = ravel_pytree(prob.params)
-
-            def E_theta(x, th, cell, nb, params):
-                return energy(x, unravel(th), cell, nb)
-
-        return jax.grad(E_theta), E_theta
 
     def _run(self, key, prob):
         if key not in self._compiled:
-            F, E_theta = self._functions(prob)
+            E_theta = _energy_of_theta(prob, self.wrt)
+            F = jax.grad(E_theta)
             solve = self.solve
 
             def run(R, theta, tangents, basis, cell, nb, params):
@@ -481,11 +525,11 @@ class make_sensitivity:  # noqa: N801  (a function that returns a function, like
                 partial = jax.grad(E_theta, argnums=1)(R, theta, cell, nb, params)
                 return cols, partial
 
-            self._compiled[key] = (F, jax.jit(run))
+            self._compiled[key] = (jax.jit(F), jax.jit(run))
         return self._compiled[key]
 
     def __call__(self, result, params=None, neighbor=None) -> Sensitivity:
-        prob = _prepare(result, self.pot, params, neighbor)
+        prob = self._problem(result, params, neighbor)
         system, params_ = prob.system, prob.params
         R = system.positions
         wrt = self.wrt
@@ -650,17 +694,14 @@ class make_observable_gradient:  # noqa: N801
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
         self.check_stability, self.stability_options = bool(check_stability), stability_options
         self.on_solve_failure = on_solve_failure
+        self._problem = _ProblemBuilder(pot)
         self._compiled = {}
 
     def _build(self, prob):
-        energy, system, observable = prob.energy, prob.system, self.observable
+        system, observable = prob.system, self.observable
         solve, policy = self.solve, self.on_solve_failure
         if self.wrt == "cell":
             dim = system.dim
-
-            def E_theta(U, eps_v, cell, nb, params):
-                Fm = deformation_gradient(eps_v, dim)
-                return energy(U @ Fm, params, cell @ Fm, nb)
 
             def O(U, eps_v, cell, params):
                 Fm = deformation_gradient(eps_v, dim)
@@ -668,13 +709,10 @@ class make_observable_gradient:  # noqa: N801
         else:
             _, unravel = ravel_pytree(prob.params)
 
-            def E_theta(x, th, cell, nb, params):
-                return energy(x, unravel(th), cell, nb)
-
             def O(x, th, cell, params):
                 return observable(x, unravel(th), cell)
 
-        F = jax.grad(E_theta)
+        F = jax.grad(_energy_of_theta(prob, self.wrt))
 
         @jax.jit
         def grad_total(R, theta, B, cell, nb, params):
@@ -684,10 +722,10 @@ class make_observable_gradient:  # noqa: N801
                               symmetric=True, on_solve_failure=policy)
             return gth + cot
 
-        return F, grad_total
+        return jax.jit(F), grad_total
 
     def __call__(self, result, params=None, neighbor=None):
-        prob = _prepare(result, self.pot, params, neighbor)
+        prob = self._problem(result, params, neighbor)
         system, params_ = prob.system, prob.params
         R = system.positions
         if self.wrt == "cell":
