@@ -123,3 +123,21 @@ def test_stillinger_weber_finite_strain_rerelaxation(si_diamond):
             stresses.append(np.asarray(pot.stress(r.system)))
         fd = (stresses[0] - stresses[1]) / (2 * h)
         np.testing.assert_allclose(fd, C.relaxed[:, J], atol=1e-5 * np.abs(C.relaxed).max())
+
+
+def test_make_elastic_constants_reuses_compilation_and_obeys_scaling(si_diamond):
+    """One compiled make_elastic_constants for three parameter sets, each against the
+    exact scaling of Stillinger-Weber: every length scales with σ and every energy with
+    ε, so at the scaled minimum C(sσ, kε) = k C(σ, ε) / s³."""
+    from mdsens.md.elastic import make_elastic_constants
+
+    pot, res = si_diamond
+    fn = make_elastic_constants(pot, res.system)
+    C1 = fn(res).relaxed
+    s, k = 1.05, 2.0
+    scaled = res.system.replace(positions=res.system.positions * s, cell=res.system.cell * s)
+    p_sigma = dict(pot.params, sigma=pot.params["sigma"] * s)
+    p_eps = dict(pot.params, epsilon=pot.params["epsilon"] * k)
+    np.testing.assert_allclose(fn(scaled, params=p_sigma).relaxed, C1 / s**3, rtol=1e-8, atol=1e-10 * np.abs(C1).max())
+    np.testing.assert_allclose(fn(res, params=p_eps).relaxed, k * C1, rtol=1e-8, atol=1e-10 * np.abs(C1).max())
+    assert len(fn._compiled) == 1  # the same layout never recompiles

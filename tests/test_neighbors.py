@@ -133,3 +133,22 @@ def test_metric_box_preserves_distances():
     assert np.allclose(np.tril(R, -1), 0) and np.all(np.diag(R) > 0)
     s = rng.standard_normal((20, 3))
     np.testing.assert_allclose(np.linalg.norm(s @ cell, axis=1), np.linalg.norm(s @ R.T, axis=1), rtol=1e-13)
+
+
+def test_derivatives_reuse_the_relaxation_list_only_while_it_covers_the_range():
+    """RelaxResult.neighbor (built at R*) serves the derivatives unless a parameter grew
+    the interaction range past the list, or the structure is not the relaxed one."""
+    from mdsens.md.relax import make_relax
+    from mdsens.md.sensitivity import _relaxation_neighbors
+
+    rng = np.random.default_rng(3)
+    n, L = 500, 60.0  # dilute: no contacts, already relaxed at step 0
+    system = ms.System(rng.uniform(0, L, (n, 2)), cell=np.eye(2) * L, pbc=True)
+    pot = ms.potentials.SoftSphere(sigma=1.0)
+    res = make_relax(pot, system)(system, fmax=1e-8)
+    assert res.converged and isinstance(res.neighbor, neighbors.Neighbors)
+    assert _relaxation_neighbors(res, res.system, pot.cutoff()) is res.neighbor
+    grown = res.neighbor.cutoff * 1.01
+    assert _relaxation_neighbors(res, res.system, grown) is None
+    moved = res.system.replace(positions=res.system.positions + 0.1)
+    assert _relaxation_neighbors(res, moved, pot.cutoff()) is None
