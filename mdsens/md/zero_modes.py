@@ -5,31 +5,68 @@ The Hessian ``H = ∂²E/∂R²`` of a relaxed structure is singular along
 * **rigid translations**: ``d`` modes, for periodic systems and free clusters alike;
 * **rigid rotations** of a free cluster: 3 in 3D (2 for a linear molecule, whose
   rotation about its own axis moves nothing), 1 in 2D; a periodic cell breaks them;
-* **soft modes found numerically**: rattlers of a jammed packing (particles with no
-  contacts), or any other direction along which the energy is flat to round-off.
+* **isolated degrees of freedom**: a coordinate ``k`` whose row of ``H`` is identically
+  zero, e.g. the rattlers of a jammed packing (particles with no contacts: a
+  finite-range pair energy is exactly 0 beyond contact, so their rows are exact
+  zeros). For symmetric ``H`` each is the exact null vector ``e_k``. They are found
+  directly by random probing (below), at the cost of two Hessian-vector products
+  however many there are;
+* **soft modes found numerically**: any other direction along which the energy is
+  flat to round-off (a floppy cluster of particles touching only each other, a
+  rattler of an energy that is not exactly flat, ...).
 
-Implicit differentiation solves ``H dR = −b`` on the orthogonal complement of these
-modes (the core's ``nullspace=``), which returns the minimum-norm (pseudo-inverse)
-derivative. That fixes the **gauge**: the derivative mdsens reports has no net
-translation (``Σ_i dR_i = 0``), and for clusters no net rotation about the centroid
-(``Σ_i (R_i − R̄) × dR_i = 0``), and no component along a rattler's free motion.
+**Probing for isolated degrees of freedom.** For a Gaussian random ``z``,
+``(H z)_k = Σ_j H_kj z_j`` is a Gaussian of standard deviation ``‖H_k‖`` (the norm of
+row ``k``): it is zero, with probability one, only if row ``k`` is. With
+``ISOLATED_DOF_PROBES = 2`` independent probes (fixed PRNG keys, so the result is
+deterministic), degree of freedom ``k`` is isolated when
 
-**Thresholds.** With ``λ_max`` the largest Hessian eigenvalue (orthogonal to the rigid
-modes) and ``λ_min`` the smallest:
+    max_p |(H z_p)_k|  ≤  ISOLATED_DOF_RTOL · max_{p,j} |(H z_p)_j|,
+
+``ISOLATED_DOF_RTOL = 1e-12``. Rattlers of a finite-range energy give exact zeros, so
+any positive threshold finds them; a row that is not zero passes only if both probes
+land within ``≈ 1e-12·scale/‖H_k‖`` of zero (probability ``~(1e-12·scale/‖H_k‖)²``),
+negligible unless ``‖H_k‖ = ‖H e_k‖`` is itself ≲ 1e-11 of the largest row, i.e. unless
+``e_k`` is a zero mode at the ``SOFT_MODE_RTOL`` level anyway. Round-off in a coupled
+row is relative to its own terms (~1e-16), far below the threshold. Pass
+``isolated_dof_rtol=None`` to :func:`stability` to skip the probing.
+
+**Gauge.** Implicit differentiation solves ``H dR = −b`` on the orthogonal complement
+of all these modes (the core's ``nullspace=``), which returns the minimum-norm
+(pseudo-inverse) derivative. That fixes the gauge: the derivative mdsens reports has
+no component on isolated degrees of freedom (rattlers do not move), no net
+translation (``Σ_i dR_i = 0``), for clusters no net rotation about the centroid
+(``Σ_i (R_i − R̄) × dR_i = 0``), and no component along a numerically found soft mode.
+
+**Eigen-analysis on the complement.** Rigid modes and isolated degrees of freedom are
+projected out before the eigen-analysis, as ``P v = m ⊙ v − Q_f Q_fᵀ v`` with ``m`` the
+0/1 mask of the non-isolated degrees of freedom and ``Q_f`` the rigid modes restricted
+to them and re-orthonormalized: ``span(Q_f) ⊕ span{e_k} = span(rigid) ⊕ span{e_k}``
+and the two parts have disjoint supports, so ``P`` is the exact orthogonal projector
+without ever storing the unit vectors. Eigenvalues come from a dense ``eigh`` of the
+Hessian restricted to an orthonormal basis of the complement up to ``DENSE_MAX_DOF``
+degrees of freedom (built from Hessian-vector products), and above that from LOBPCG on
+Hessian-vector products of the shifted, projected operator ``P (σ I − H) P`` (whose
+largest eigenvalues are ``σ − λ_min``, ...), so the Hessian is never stored. If every
+eigenvalue LOBPCG returns is soft, its block was too small to reach ``λ_min``: the soft
+modes join the projected-out modes and LOBPCG runs again with a doubled block, at most
+``LOBPCG_ROUNDS`` times (then ``lambda_min`` is ``nan``, with a warning). LOBPCG
+iterates until its block's residuals are below ``LOBPCG_TOL·λ_max``, at most
+``LOBPCG_MAXITER`` times; at the cap the result still counts as converged if the
+eigenpairs it depends on (soft modes, ``λ_min``) have residuals
+``≤ LOBPCG_RESIDUAL_RTOL·λ_max`` (a Ritz value lies within its residual of an
+eigenvalue), else :class:`NearSingularWarning`.
+
+**Thresholds.** With ``λ_max`` the largest Hessian eigenvalue on that complement and
+``λ_min`` the smallest:
 
 * ``λ < −SADDLE_RTOL · λ_max`` → :class:`SaddlePointError` (the structure is not a
   minimum; its derivative would describe a saddle that a relaxation cannot reach);
 * ``|λ| ≤ SOFT_MODE_RTOL · λ_max`` → the eigenvector is a soft mode, added to the null
-  space (a rattler's eigenvalues are exactly zero up to round-off, ~1e-16 λ_max);
+  space (a flat direction's eigenvalues are zero up to round-off, ~1e-16 λ_max);
 * ``λ_min ≤ NEAR_SINGULAR_RTOL · λ_max`` beyond the declared modes →
   :class:`NearSingularWarning` with the smallest eigenvalue (derivatives are then
   amplified by ``1/λ_min`` and sensitive to the relaxation's residual).
-
-Eigenvalues come from a dense ``eigh`` of the projected Hessian up to
-``DENSE_MAX_DOF`` degrees of freedom (built from ``n`` Hessian-vector products), and
-above that from LOBPCG on Hessian-vector products of the shifted, projected operator
-``P (σ I − H) P`` (whose largest eigenvalues are ``σ − λ_min``, ...), so the Hessian
-is never stored.
 
 Units: eigenvalues in energy/length² (eV/Å²); modes are dimensionless unit vectors.
 """
@@ -50,11 +87,13 @@ __all__ = [
     "StabilityReport",
     "rigid_modes",
     "hessian_vector_product",
+    "find_isolated_dofs",
     "stability",
     "null_space",
     "SADDLE_RTOL",
     "SOFT_MODE_RTOL",
     "NEAR_SINGULAR_RTOL",
+    "ISOLATED_DOF_RTOL",
     "DENSE_MAX_DOF",
 ]
 
@@ -64,12 +103,31 @@ SADDLE_RTOL = 1e-7
 SOFT_MODE_RTOL = 1e-10
 #: Relative smallest eigenvalue below which a (non-zero) mode triggers a warning.
 NEAR_SINGULAR_RTOL = 1e-7
+#: Relative probe response (``|(Hz)_k| / max_j |(Hz)_j|``, over all probes) at or below
+#: which degree of freedom ``k`` is isolated (its Hessian row is zero); see the module
+#: docstring.
+ISOLATED_DOF_RTOL = 1e-12
+#: Number of random probes (one Hessian-vector product each) for isolated dofs.
+ISOLATED_DOF_PROBES = 2
 #: Largest number of degrees of freedom ``N·d`` handled by a dense eigendecomposition.
 DENSE_MAX_DOF = 2000
-#: Number of lowest eigenpairs LOBPCG looks for above ``DENSE_MAX_DOF``.
+#: Number of lowest eigenpairs LOBPCG looks for above ``DENSE_MAX_DOF`` (first round).
 LOBPCG_MODES = 8
-#: LOBPCG iteration cap.
+#: LOBPCG iteration cap (per round).
 LOBPCG_MAXITER = 400
+#: Relative residual ``‖P H P u − λ u‖ / λ_max`` LOBPCG iterates for (whole block).
+LOBPCG_TOL = 1e-12
+#: Relative residual ``‖P H P u − λ u‖ / λ_max`` under which an eigenpair LOBPCG left
+#: unconverged at ``LOBPCG_MAXITER`` is accepted (soft modes and the ``λ_min`` pair).
+LOBPCG_RESIDUAL_RTOL = 1e-8
+#: Largest number of LOBPCG rounds (block doubled each time) to get past soft modes.
+LOBPCG_ROUNDS = 4
+#: A rigid mode whose norm on the non-isolated dofs is below this lies on isolated
+#: dofs only (e.g. every atom rattles) and adds nothing beyond their unit vectors.
+_RANK_TOL = 1e-8
+
+_PROBE_SEED = 20240611
+_LOBPCG_SEED = 2
 
 
 class SaddlePointError(RuntimeError):
@@ -121,20 +179,59 @@ def hessian_vector_product(energy: Callable, positions) -> Callable:
     return lambda v: jax.jvp(grad, (positions,), (v,))[1]
 
 
+def find_isolated_dofs(
+    energy: Callable, positions, *, rtol: float = ISOLATED_DOF_RTOL, hvp: Optional[Callable] = None
+) -> np.ndarray:
+    """Degrees of freedom whose Hessian row is zero (rattlers), by random probing.
+
+    Two Hessian-vector products with Gaussian probes (fixed keys: deterministic); see
+    the module docstring for the test and its threshold.
+
+    Args:
+      energy: ``E(R) -> scalar`` with ``R`` of shape ``(N, d)``.
+      positions: ``(N, d)`` positions.
+      rtol: relative threshold (``ISOLATED_DOF_RTOL``).
+      hvp: optional ``v ↦ H v`` on ``(N, d)`` arrays (default
+        :func:`hessian_vector_product`).
+
+    Returns:
+      Sorted indices into the flattened ``N·d`` coordinates (atom ``k // d``,
+      component ``k % d``). All of them if the Hessian is zero; none if it is not finite.
+    """
+    R = jnp.asarray(positions, jnp.float64)
+    hvp = hvp or hessian_vector_product(energy, R)
+    keys = jax.random.split(jax.random.PRNGKey(_PROBE_SEED), ISOLATED_DOF_PROBES)
+    Z = jnp.stack([jax.random.normal(k, R.shape, jnp.float64) for k in keys])
+    HZ = np.asarray(jax.jit(jax.vmap(hvp))(Z)).reshape(ISOLATED_DOF_PROBES, -1)
+    response = np.abs(HZ).max(axis=0)
+    scale = response.max()  # NaN if the Hessian is not finite: nothing is flagged
+    return np.flatnonzero(response <= rtol * scale)
+
+
 # ------------------------------------------------------------------------- stability
 @dataclasses.dataclass(frozen=True)
 class StabilityReport:
-    """Curvature of a relaxed structure beyond its rigid modes.
+    """Curvature of a relaxed structure beyond its zero modes.
 
     Attributes:
-      eigenvalues: lowest eigenvalues found (ascending), energy/length². Dense: all
-        ``N·d − k_rigid`` of them; LOBPCG: the lowest ``LOBPCG_MODES``.
-      lambda_min: smallest eigenvalue that is not a declared zero mode (energy/length²).
+      eigenvalues: lowest eigenvalues found (ascending), energy/length², on the
+        orthogonal complement of the rigid modes and isolated dofs. Dense: all of them
+        (soft ones included); LOBPCG: the soft ones found plus the last block of
+        (at least ``LOBPCG_MODES``) lowest.
+      lambda_min: smallest eigenvalue that is not a declared zero mode (energy/length²);
+        ``inf`` if there is none, ``nan`` if LOBPCG ran out of rounds before reaching it.
       lambda_max: largest eigenvalue (energy/length²).
       rigid: ``(k, N, d)`` orthonormal rigid modes.
-      soft: ``(s, N, d)`` orthonormal soft modes found numerically (rattlers).
+      soft: ``(s, N, d)`` orthonormal further zero modes, orthogonal to ``rigid``: first
+        an orthonormal basis of the isolated dofs' unit vectors orthogonalized against
+        the rigid modes, then the soft modes found by the eigen-analysis.
       method: ``"dense"`` or ``"lobpcg"``.
-      converged: the eigen-solver converged (always True for dense).
+      converged: the eigen-solver converged and reached ``lambda_min`` (always True for
+        dense; LOBPCG: its whole block converged, or at least the eigenpairs of the soft
+        modes and of ``lambda_min`` have residuals ``≤ LOBPCG_RESIDUAL_RTOL·λ_max``).
+      isolated_dofs: sorted indices into the flattened ``N·d`` coordinates whose Hessian
+        row is zero (rattlers; atom ``k // d``, component ``k % d``); see
+        :attr:`rattlers` for the atoms.
     """
 
     eigenvalues: np.ndarray
@@ -144,15 +241,23 @@ class StabilityReport:
     soft: np.ndarray
     method: str
     converged: bool = True
+    isolated_dofs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def basis(self) -> np.ndarray:
-        """All declared zero modes, rigid then soft, ``(k + s, N, d)``."""
+        """All declared zero modes, rigid then soft, ``(k + s, N, d)``, orthonormal."""
         return np.concatenate([self.rigid, self.soft], axis=0)
 
     @property
     def n_soft(self) -> int:
         return int(self.soft.shape[0])
+
+    @property
+    def rattlers(self) -> np.ndarray:
+        """Atoms all of whose coordinates are isolated dofs (no contacts), sorted."""
+        n, d = self.rigid.shape[1:]
+        counts = np.bincount(np.asarray(self.isolated_dofs, dtype=np.int64) // d, minlength=n)
+        return np.flatnonzero(counts == d)
 
     @property
     def condition_number(self) -> float:
@@ -174,6 +279,47 @@ def _power_lambda_max(matvec, n, iterations=50):
     return float(lam)
 
 
+def _free_rigid_modes(Q: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Orthonormal basis ``(dof, k_f)`` of the rigid modes ``Q`` restricted to ``free`` dofs.
+
+    ``span(Q_f) ⊕ span{e_k : k isolated} = span(Q) ⊕ span{e_k}``: a rigid mode is its
+    free part plus a combination of isolated unit vectors. Directions whose free part
+    is below ``_RANK_TOL`` (a rigid mode carried by isolated dofs alone) are dropped.
+    """
+    QN = Q * free[:, None]
+    if QN.shape[1] == 0:
+        return QN
+    u, s, _ = np.linalg.svd(QN, full_matrices=False)
+    return u[:, s > _RANK_TOL]
+
+
+def _isolated_modes(Q: np.ndarray, Qf: np.ndarray, iso: np.ndarray) -> np.ndarray:
+    """Orthonormal basis ``(m, dof)`` of ``span(Q ∪ {e_k : k ∈ iso}) ⊖ span(Q)``.
+
+    ``X = [Q_f | E]`` (``E`` the unit vectors of ``iso``) is an orthonormal basis of the
+    known space and ``Q = X C`` with ``C = Xᵀ Q``; the complement of ``range(C)`` from a
+    complete QR of ``C``, ``Z``, gives ``X Z``: orthonormal and exactly orthogonal to
+    ``Q`` (``Zᵀ C = 0``). Cost ``O((k_f + r)² k + m·dof)``, ``r = len(iso)``; ``E`` is
+    never formed.
+    """
+    dof, k = Q.shape
+    if iso.size == 0:
+        return np.zeros((0, dof))
+    kf = Qf.shape[1]
+    C = np.concatenate([Qf.T @ Q, Q[iso]], axis=0)  # (kf + r, k)
+    Z = np.linalg.qr(C, mode="complete")[0][:, k:]  # (kf + r, kf + r - k)
+    out = Z[:kf].T @ Qf.T  # (m, dof)
+    out[:, iso] += Z[kf:].T
+    return out
+
+
+def _orthonormal_columns(V: np.ndarray) -> np.ndarray:
+    if V.shape[1] == 0:
+        return V
+    u, s, _ = np.linalg.svd(V, full_matrices=False)
+    return u[:, s > _RANK_TOL * max(s.max(), 1e-300)]
+
+
 def stability(
     energy: Callable,
     positions,
@@ -183,6 +329,7 @@ def stability(
     soft_mode_rtol: float = SOFT_MODE_RTOL,
     saddle_rtol: float = SADDLE_RTOL,
     near_singular_rtol: float = NEAR_SINGULAR_RTOL,
+    isolated_dof_rtol: Optional[float] = ISOLATED_DOF_RTOL,
     raise_on_saddle: bool = True,
     warn: bool = True,
 ) -> StabilityReport:
@@ -193,12 +340,16 @@ def stability(
         cell and neighbor list closed over.
       positions: ``(N, d)`` relaxed positions.
       pbc: periodic system (rigid modes: translations only) or free cluster.
-      method: ``"dense"`` (eigh of the projected Hessian), ``"lobpcg"``, or ``"auto"``
-        (dense up to ``DENSE_MAX_DOF`` degrees of freedom).
+      method: ``"dense"`` (eigh on the complement of the known modes), ``"lobpcg"``, or
+        ``"auto"`` (dense up to ``DENSE_MAX_DOF`` degrees of freedom).
       soft_mode_rtol, saddle_rtol, near_singular_rtol: see the module docstring.
+      isolated_dof_rtol: threshold of the random probing for isolated dofs
+        (rattlers), see the module docstring; ``None`` skips the probing (rattlers are
+        then left to the eigen-analysis, which LOBPCG cannot do for many of them).
       raise_on_saddle: raise :class:`SaddlePointError` on negative curvature (else only
         report it in ``lambda_min``).
-      warn: issue :class:`NearSingularWarning` for a nearly singular Hessian.
+      warn: issue :class:`NearSingularWarning` for a nearly singular Hessian, and when
+        LOBPCG did not converge or ran out of rounds.
 
     Returns:
       :class:`StabilityReport`.
@@ -209,59 +360,129 @@ def stability(
     R = jnp.asarray(positions, jnp.float64)
     n, d = R.shape
     dof = n * d
-    rigid = rigid_modes(R, pbc)
-    Q = jnp.asarray(rigid.reshape(rigid.shape[0], -1).T)  # (dof, k) orthonormal
-    hvp = hessian_vector_product(energy, R)
-
-    def project(v):
-        return v - Q @ (Q.T @ v)
-
-    @jax.jit
-    def projected_matvec(v):
-        return project(hvp(project(v).reshape(n, d)).ravel())
-
     if method == "auto":
         method = "dense" if dof <= DENSE_MAX_DOF else "lobpcg"
     if method not in ("dense", "lobpcg"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lobpcg'; got {method!r}.")
 
-    k_rigid = rigid.shape[0]
+    rigid = rigid_modes(R, pbc)
+    Q = rigid.reshape(rigid.shape[0], -1).T  # (dof, k) orthonormal, host
+    hvp = hessian_vector_product(energy, R)
+    if isolated_dof_rtol is None:
+        iso = np.zeros(0, dtype=np.int64)
+    else:
+        iso = find_isolated_dofs(energy, R, rtol=isolated_dof_rtol, hvp=hvp)
+    free = np.ones(dof, dtype=bool)
+    free[iso] = False
+    # Known modes as a mask plus a few dense vectors (see the module docstring): the
+    # rigid modes restricted to the free dofs, re-orthonormalized, span together with
+    # the isolated unit vectors exactly what rigid ∪ isolated span, and are orthogonal
+    # to them (disjoint supports), so projecting onto the complement is "zero the
+    # isolated dofs, then subtract the Q_f components": O(dof·k), and no (r, dof) matrix
+    # of unit vectors, however many rattlers there are.
+    Qf = _free_rigid_modes(Q, free)
+    iso_modes = _isolated_modes(Q, Qf, iso)  # (m, dof): the report's basis needs them
+    n_free = int(free.sum())
+    flat_hvp = lambda v: hvp(v.reshape(n, d)).ravel()  # noqa: E731
+
     converged = True
+    exhausted = False
     if method == "dense":
-        H = jax.jit(jax.vmap(projected_matvec))(jnp.eye(dof, dtype=jnp.float64))
-        H = np.asarray(0.5 * (H + H.T))
-        w, V = np.linalg.eigh(H)
-        # The k rigid directions are exact zeros of the projected H: remove the k
-        # eigenpairs with the largest overlap with them, not merely the k smallest.
-        overlap = np.sum((np.asarray(Q).T @ V) ** 2, axis=0)
-        drop = np.argsort(-overlap)[:k_rigid]
-        keep = np.setdiff1d(np.arange(dof), drop)
-        w, V = w[keep], V[:, keep]
-        lam_max = float(max(abs(w).max(), 1e-300)) if w.size else 1.0
+        free_idx = np.flatnonzero(free)
+        kf = Qf.shape[1]
+        # Orthonormal basis of the complement within the free dofs: no eigenpairs of
+        # the known modes to identify and drop (they are never in the problem).
+        Cf = np.linalg.qr(Qf[free_idx], mode="complete")[0][:, kf:] if kf else np.eye(n_free)
+        if Cf.shape[1]:
+            units = jnp.zeros((n_free, dof), jnp.float64).at[np.arange(n_free), free_idx].set(1.0)
+            H = np.asarray(jax.jit(jax.vmap(flat_hvp))(units))[:, free_idx]  # (n_free, n_free)
+            H = 0.5 * (H + H.T)
+            w, U = np.linalg.eigh(Cf.T @ H @ Cf)
+        else:
+            w, U = np.zeros(0), np.zeros((0, 0))
+        V = np.zeros((dof, w.size))
+        V[free_idx] = Cf @ U
+        lam_max = float(max(abs(w).max(), 1e-300)) if w.size else 0.0
+        soft_mask = np.abs(w) <= soft_mode_rtol * lam_max
+        soft_found = V[:, soft_mask]
+        rest = w[~soft_mask]
+        eigenvalues = w
     else:
         from jax.experimental.sparse.linalg import lobpcg_standard
 
-        lam_max = _power_lambda_max(projected_matvec, dof)
-        shift = 1.05 * lam_max
-        shifted = jax.jit(jax.vmap(lambda v: shift * project(v) - projected_matvec(v), in_axes=1, out_axes=1))
-        m = min(LOBPCG_MODES, max(1, dof // 5 - k_rigid))
-        X0 = jax.random.normal(jax.random.PRNGKey(2), (dof, m), jnp.float64)
-        X0 = X0 - Q @ (Q.T @ X0)
-        theta, U, iters = lobpcg_standard(shifted, X0, m=LOBPCG_MAXITER, tol=1e-10)
-        w = np.asarray(shift - theta)
-        V = np.asarray(U)
-        order = np.argsort(w)
-        w, V = w[order], V[:, order]
-        converged = int(iters) < LOBPCG_MAXITER
-        lam_max = max(lam_max, float(np.abs(w).max()))
+        free_j = jnp.asarray(free, jnp.float64)[:, None]
+        cols_hvp = jax.vmap(flat_hvp, in_axes=1, out_axes=1)
 
-    soft_mask = np.abs(w) <= soft_mode_rtol * lam_max
-    soft = V[:, soft_mask].T.reshape(-1, n, d) if soft_mask.any() else np.zeros((0, n, d))
-    rest = w[~soft_mask]
-    lam_min = float(rest.min()) if rest.size else float("inf")
+        def projector(K):
+            def project(V):  # (dof, m) -> (dof, m), onto the complement of mask ∪ K
+                V = V * free_j
+                return V - K @ (K.T @ V)
+
+            return project
+
+        project = projector(jnp.asarray(Qf))
+        lam_max = _power_lambda_max(lambda v: project(cols_hvp(project(v[:, None])))[:, 0], dof)
+        shift = 1.05 * lam_max
+        known = Qf  # grows by the soft modes of rounds that found nothing else
+        soft_found = np.zeros((dof, 0))
+        soft_w = np.zeros(0)
+        block = LOBPCG_MODES
+        for round_ in range(LOBPCG_ROUNDS):
+            n_comp = n_free - known.shape[1]
+            if n_comp <= 0:
+                w, rest = np.zeros(0), np.zeros(0)
+                break
+            m = max(1, min(block, (dof - 1) // 5, n_comp // 3))
+            project = projector(jnp.asarray(known))
+
+            def shifted(V, project=project):
+                PV = project(V)
+                return shift * PV - project(cols_hvp(PV))
+
+            X0 = project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED + round_), (dof, m), jnp.float64))
+            # jax's criterion is ‖r‖ < tol·10·n·(θ + ‖A u‖) with θ ≈ ‖A u‖ ≤ 1.05 λ_max:
+            # ask for ‖r‖ ≲ LOBPCG_TOL·λ_max, whatever n (soft modes' directions are only
+            # accurate to ~‖r‖/λ_min, and they go into the null-space basis).
+            tol = LOBPCG_TOL / (21.0 * dof)
+            theta, U, iters = lobpcg_standard(shifted, X0, m=LOBPCG_MAXITER, tol=tol)
+            w = shift - np.asarray(theta)
+            order = np.argsort(w)
+            w, U = w[order], np.asarray(U)[:, order]
+            lam_max = max(lam_max, float(np.abs(w).max()))
+            soft_mask = np.abs(w) <= soft_mode_rtol * lam_max
+            if int(iters) >= LOBPCG_MAXITER:
+                # LOBPCG stops only when its whole block has converged, and the last
+                # pairs of a block lag far behind the first: judge the pairs the report
+                # depends on (soft modes and λ_min) by their own residuals instead (one
+                # more block HVP). A Ritz value is within its residual of an eigenvalue.
+                PU = project(jnp.asarray(U))
+                resid = np.linalg.norm(np.asarray(project(cols_hvp(PU)) - PU * w), axis=0)
+                needed = soft_mask.copy()
+                needed[np.flatnonzero(~soft_mask)[:1]] = True
+                converged = converged and bool(np.all(resid[needed] <= LOBPCG_RESIDUAL_RTOL * lam_max))
+            new_soft = _orthonormal_columns(np.asarray(project(jnp.asarray(U[:, soft_mask]))))
+            soft_found = np.concatenate([soft_found, new_soft], axis=1)
+            rest = w[~soft_mask]
+            if rest.size or m >= n_comp:
+                break  # λ_min reached (or the whole complement is soft)
+            # Only soft modes: project them out too and look further with a larger block.
+            soft_w = np.concatenate([soft_w, w])
+            known = np.concatenate([known, new_soft], axis=1)
+            block *= 2
+        else:
+            exhausted = True
+            converged = False
+        eigenvalues = np.sort(np.concatenate([soft_w, w])) if not exhausted else np.sort(soft_w)
+
+    soft_all = np.concatenate([iso_modes, soft_found.T], axis=0)
+    soft = soft_all.reshape(-1, n, d)
+    if exhausted:
+        lam_min = float("nan")
+    else:
+        lam_min = float(rest.min()) if rest.size else float("inf")
     report = StabilityReport(
-        eigenvalues=w, lambda_min=lam_min, lambda_max=lam_max, rigid=rigid, soft=soft,
-        method=method, converged=converged,
+        eigenvalues=eigenvalues, lambda_min=lam_min, lambda_max=lam_max, rigid=rigid, soft=soft,
+        method=method, converged=converged, isolated_dofs=iso,
     )
     if lam_min < -saddle_rtol * lam_max and raise_on_saddle:
         n_neg = int(np.sum(rest < -saddle_rtol * lam_max))
@@ -282,10 +503,21 @@ def stability(
             NearSingularWarning,
             stacklevel=2,
         )
-    if not converged and warn:
+    if exhausted and warn:
         warnings.warn(
-            f"LOBPCG did not converge in {LOBPCG_MAXITER} iterations; the smallest "
-            f"eigenvalue estimate {lam_min:.6g} is an upper bound.",
+            f"LOBPCG found only soft modes in {LOBPCG_ROUNDS} rounds ({soft_found.shape[1]} "
+            "of them, besides the rigid modes and isolated dofs) and did not reach the "
+            "smallest non-zero eigenvalue (lambda_min = nan). The soft modes found are "
+            "declared, but there may be more; use method='dense' if the system is small "
+            "enough, or check the structure for a floppy region.",
+            NearSingularWarning,
+            stacklevel=2,
+        )
+    elif not converged and warn:
+        warnings.warn(
+            f"LOBPCG did not converge in {LOBPCG_MAXITER} iterations (the residuals of the "
+            "soft-mode and smallest eigenpairs exceed LOBPCG_RESIDUAL_RTOL·λ_max); the "
+            f"smallest eigenvalue estimate {lam_min:.6g} is an upper bound.",
             NearSingularWarning,
             stacklevel=2,
         )
@@ -293,7 +525,7 @@ def stability(
 
 
 def null_space(energy: Callable, positions, pbc: bool, **kwargs) -> np.ndarray:
-    """Orthonormal null-space basis ``(k, N, d)``: rigid modes plus soft modes found.
+    """Orthonormal null-space basis ``(k, N, d)``: rigid modes, isolated dofs, soft modes.
 
     Convenience for ``stability(...).basis``; ``kwargs`` go to :func:`stability`.
     """
