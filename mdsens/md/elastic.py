@@ -170,8 +170,8 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         if not system.pbc:
             raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
         if self.check_stability:
-            e = lambda R: prob.energy(R, prob.params, system.cell, prob.neighbor)  # noqa: E731
-            basis = _zm.stability(e, system.positions, True, **(self.stability_options or {})).basis
+            basis = _zm.stability(prob.energy, system.positions, True, args=(prob.params, system.cell, prob.neighbor),
+                                  **(self.stability_options or {})).basis
         else:
             basis = _zm.rigid_modes(system.positions, True)
         key = (system.n_atoms, system.dim, tuple(np.asarray(system.species).tolist()),

@@ -451,8 +451,8 @@ def _columns(F, R, theta, tangents, basis, solve):
 def _null_basis(prob, check_stability, stability_options):
     system = prob.system
     if check_stability:
-        e = lambda R: prob.energy(R, prob.params, system.cell, prob.neighbor)  # noqa: E731
-        report = _zm.stability(e, system.positions, system.pbc, **(stability_options or {}))
+        report = _zm.stability(prob.energy, system.positions, system.pbc,
+                               args=(prob.params, system.cell, prob.neighbor), **(stability_options or {}))
         return report.basis, report.n_soft, report.lambda_min, report.lambda_max
     rigid = _zm.rigid_modes(system.positions, system.pbc)
     return rigid, 0, float("nan"), float("nan")

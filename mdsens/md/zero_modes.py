@@ -74,6 +74,7 @@ Units: eigenvalues in energy/length² (eV/Å²); modes are dimensionless unit ve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Optional
 
@@ -179,8 +180,19 @@ def hessian_vector_product(energy: Callable, positions) -> Callable:
     return lambda v: jax.jvp(grad, (positions,), (v,))[1]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _batched_hvp(energy, positions, args, V):
+    """``H v`` for each ``v`` of ``V (m, N, d)``, with ``H`` the Hessian of ``energy(R, *args)``.
+
+    Jitted with ``energy`` static: a caller that passes the same energy function (the
+    ``make_*`` callables do) reuses the compiled products across calls and structures.
+    """
+    grad = jax.grad(energy)
+    return jax.vmap(lambda v: jax.jvp(lambda x: grad(x, *args), (positions,), (v,))[1])(V)
+
+
 def find_isolated_dofs(
-    energy: Callable, positions, *, rtol: float = ISOLATED_DOF_RTOL, hvp: Optional[Callable] = None
+    energy: Callable, positions, *, rtol: float = ISOLATED_DOF_RTOL, args: tuple = ()
 ) -> np.ndarray:
     """Degrees of freedom whose Hessian row is zero (rattlers), by random probing.
 
@@ -188,21 +200,19 @@ def find_isolated_dofs(
     the module docstring for the test and its threshold.
 
     Args:
-      energy: ``E(R) -> scalar`` with ``R`` of shape ``(N, d)``.
+      energy: ``E(R, *args) -> scalar`` with ``R`` of shape ``(N, d)``.
       positions: ``(N, d)`` positions.
       rtol: relative threshold (``ISOLATED_DOF_RTOL``).
-      hvp: optional ``v ↦ H v`` on ``(N, d)`` arrays (default
-        :func:`hessian_vector_product`).
+      args: further arguments of ``energy`` (see :func:`stability`).
 
     Returns:
       Sorted indices into the flattened ``N·d`` coordinates (atom ``k // d``,
       component ``k % d``). All of them if the Hessian is zero; none if it is not finite.
     """
     R = jnp.asarray(positions, jnp.float64)
-    hvp = hvp or hessian_vector_product(energy, R)
     keys = jax.random.split(jax.random.PRNGKey(_PROBE_SEED), ISOLATED_DOF_PROBES)
     Z = jnp.stack([jax.random.normal(k, R.shape, jnp.float64) for k in keys])
-    HZ = np.asarray(jax.jit(jax.vmap(hvp))(Z)).reshape(ISOLATED_DOF_PROBES, -1)
+    HZ = np.asarray(_batched_hvp(energy, R, tuple(args), Z)).reshape(ISOLATED_DOF_PROBES, -1)
     response = np.abs(HZ).max(axis=0)
     scale = response.max()  # NaN if the Hessian is not finite: nothing is flagged
     return np.flatnonzero(response <= rtol * scale)
@@ -332,12 +342,13 @@ def stability(
     isolated_dof_rtol: Optional[float] = ISOLATED_DOF_RTOL,
     raise_on_saddle: bool = True,
     warn: bool = True,
+    args: tuple = (),
 ) -> StabilityReport:
     """Check that ``positions`` is a minimum of ``energy`` and find its zero modes.
 
     Args:
-      energy: ``E(R) -> scalar`` (eV), with ``R`` of shape ``(N, d)`` (Å); params,
-        cell and neighbor list closed over.
+      energy: ``E(R, *args) -> scalar`` (eV), with ``R`` of shape ``(N, d)`` (Å); params,
+        cell and neighbor list closed over or passed in ``args``.
       positions: ``(N, d)`` relaxed positions.
       pbc: periodic system (rigid modes: translations only) or free cluster.
       method: ``"dense"`` (eigh on the complement of the known modes), ``"lobpcg"``, or
@@ -350,6 +361,10 @@ def stability(
         report it in ``lambda_min``).
       warn: issue :class:`NearSingularWarning` for a nearly singular Hessian, and when
         LOBPCG did not converge or ran out of rounds.
+      args: further arguments of ``energy``, called as ``energy(R, *args)`` (e.g.
+        ``(params, cell, neighbor)``). Passing the same ``energy`` function with
+        changing ``args`` reuses the compiled Hessian-vector products across calls; a
+        fresh closure recompiles them every time.
 
     Returns:
       :class:`StabilityReport`.
@@ -367,11 +382,11 @@ def stability(
 
     rigid = rigid_modes(R, pbc)
     Q = rigid.reshape(rigid.shape[0], -1).T  # (dof, k) orthonormal, host
-    hvp = hessian_vector_product(energy, R)
+    args = tuple(args)
     if isolated_dof_rtol is None:
         iso = np.zeros(0, dtype=np.int64)
     else:
-        iso = find_isolated_dofs(energy, R, rtol=isolated_dof_rtol, hvp=hvp)
+        iso = find_isolated_dofs(energy, R, rtol=isolated_dof_rtol, args=args)
     free = np.ones(dof, dtype=bool)
     free[iso] = False
     # Known modes as a mask plus a few dense vectors (see the module docstring): the
@@ -383,7 +398,6 @@ def stability(
     Qf = _free_rigid_modes(Q, free)
     iso_modes = _isolated_modes(Q, Qf, iso)  # (m, dof): the report's basis needs them
     n_free = int(free.sum())
-    flat_hvp = lambda v: hvp(v.reshape(n, d)).ravel()  # noqa: E731
 
     converged = True
     exhausted = False
@@ -395,7 +409,8 @@ def stability(
         Cf = np.linalg.qr(Qf[free_idx], mode="complete")[0][:, kf:] if kf else np.eye(n_free)
         if Cf.shape[1]:
             units = jnp.zeros((n_free, dof), jnp.float64).at[np.arange(n_free), free_idx].set(1.0)
-            H = np.asarray(jax.jit(jax.vmap(flat_hvp))(units))[:, free_idx]  # (n_free, n_free)
+            H = np.asarray(_batched_hvp(energy, R, args, units.reshape(n_free, n, d)))
+            H = H.reshape(n_free, dof)[:, free_idx]  # (n_free, n_free)
             H = 0.5 * (H + H.T)
             w, U = np.linalg.eigh(Cf.T @ H @ Cf)
         else:
@@ -411,7 +426,9 @@ def stability(
         from jax.experimental.sparse.linalg import lobpcg_standard
 
         free_j = jnp.asarray(free, jnp.float64)[:, None]
-        cols_hvp = jax.vmap(flat_hvp, in_axes=1, out_axes=1)
+        def cols_hvp(V):  # (dof, m) -> (dof, m)
+            HV = _batched_hvp(energy, R, args, V.T.reshape(-1, n, d))
+            return HV.reshape(-1, dof).T
 
         def projector(K):
             def project(V):  # (dof, m) -> (dof, m), onto the complement of mask ∪ K
