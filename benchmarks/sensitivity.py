@@ -11,7 +11,8 @@ steady-state calls (compile excluded, reported separately):
 
 * one relaxation (mdsens FIRE, fmax 1e-10);
 * mdsens forward: full dR*/dθ for one parameter (soft spheres: the small diameter;
-  SW: λ) — one CG solve on the deflated Hessian;
+  SW: λ) — one CG solve on the deflated Hessian ("fwd"), and the same with the default
+  Hessian stability check first ("fwd+check": saddles, rattlers, λ_min);
 * mdsens reverse: d/dθ of a scalar observable O = Σ w_i·R_i (one solve);
 * the same gradient by reverse-mode through jax-md FIRE unrolled for the same number
   of steps (only while N·steps is small);
@@ -137,6 +138,14 @@ def bench_one(label, system, pot, tangent, fd_step, *, unroll_max, jaxopt_max, j
     row["fwd_first_s"] = time.perf_counter() - t0
     row["fwd_s"] = median_time(lambda: sens(res).dpositions)
     dR = S.dpositions[0]
+    # The default ms.sensitivity path: the same solve after the Hessian stability check
+    # (saddle refusal, rattlers by probing, λ_min for the error estimate).
+    sens_checked = make_sensitivity(pot, res.system, wrt={"theta": tangent}, check_stability=True)
+    try:
+        sens_checked(res)
+        row["fwd_checked_s"] = median_time(lambda: sens_checked(res).dpositions)
+    except Exception as exc:
+        row["fwd_checked_failed"] = _failure(exc)
     # Reverse mode with the stability check (soft modes such as rattlers must join the
     # null space, or an observable touching them makes CG break down): its time includes
     # the Hessian eigen-analysis (dense up to 2000 dof, LOBPCG above).
@@ -325,13 +334,14 @@ def main():
     def e_(x):
         return "" if x is None else f"{x:.1e}"
 
-    headers = ["system", "N", "steps", "relax ms", "fwd ms", "fwd/relax", "rev ms", "unroll ms",
+    headers = ["system", "N", "steps", "relax ms", "fwd ms", "fwd/relax", "fwd+check ms", "rev ms", "unroll ms",
                "jaxopt ms", "jaxopt jacrev ms", "FD ms", "ref", "fwd err", "rev err", "unroll err",
                "jaxopt err", "jacrev err", "FD err"]
     table = []
     for r in rows:
         table.append([r["system"], r["N"], r["steps"], ms_(r["relax_s"]), ms_(r["fwd_s"]),
-                      f"{r['fwd_s'] / r['relax_s']:.2%}", (ms_(r.get("rev_s")) or r.get("rev_failed", "")), ms_(r.get("unroll_s")),
+                      f"{r['fwd_s'] / r['relax_s']:.2%}", (ms_(r.get("fwd_checked_s")) or r.get("fwd_checked_failed", "")),
+                      (ms_(r.get("rev_s")) or r.get("rev_failed", "")), ms_(r.get("unroll_s")),
                       ms_(r.get("jaxopt_s")), ms_(r.get("jaxopt_jacrev_s")), ms_(r["fd_s"]), r["ref"],
                       e_(r["fwd_err"]), e_(r["rev_err"]), e_(r.get("unroll_err")), e_(r.get("jaxopt_err")),
                       e_(r.get("jaxopt_jacrev_err")), e_(r["fd_err"]) if r["ref"] == "pinv" else "(ref)"])
