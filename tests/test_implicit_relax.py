@@ -133,9 +133,3 @@ def test_vmap_over_parameter_sets_uses_the_device_loop(cluster):
     grads = jax.vmap(jax.grad(energy))(eps)
     np.testing.assert_allclose(grads, float(result.energy) / 0.0104, rtol=1e-8)
 
-
-def test_relax_cell_derivatives_are_refused_clearly():
-    system = read("data/si_diamond.cif")
-    pot = LennardJones(sigma=2.0, epsilon=0.1)
-    with pytest.raises(NotImplementedError, match="relax_cell"):
-        jax.grad(lambda p: relax(system, pot, params=p, relax_cell=True).energy)(pot.params)

@@ -25,6 +25,64 @@ w.r.t. the cell of the input structure, at fixed fractional coordinates):
 Under ``jax.jit`` or ``jax.vmap`` the host loop cannot run; the pure on-device FIRE
 (:func:`mdsens.md.relax.fire_minimize`) is used instead, with the same criterion, and
 those three fields are then arrays.
+
+**Cell relaxation** (``relax_cell=True``): the cell response to parameters (how lattice
+constants, positions, energy and stress of the zero-stress structure move with θ).
+With ``cell₀`` the input cell (rows), the variable is ``x = (U, q)``: reference positions
+``U`` ``(N, d)`` and a scaled Voigt strain ``q = c e`` (``d(d+1)/2`` components,
+engineering shear, the order of :func:`mdsens.md.sensitivity.voigt_names`), and
+
+    D(e) = I + ε(e)   (ε symmetric),    R = U D,    cell = cell₀ D,
+    Ê(U, e; θ, cell₀) = E(U D, θ, cell₀ D),
+    F(x, θ, cell₀) = ∇ₓ Ê(U, q/c) = (∇_R E · D,  (V/c) [σ : D⁻¹ E_I]_I) = 0
+
+(``E_I = ∂ε/∂e_I``, σ ASE's stress): zero forces and zero stress, as ``D`` is invertible.
+The primal is the host relaxation of :func:`mdsens.md.relax.relax` (``relax_cell=True``);
+its result has the rigid rotation removed (polar decomposition), ``cell* = cell₀ P`` with
+``P`` symmetric, so ``ε* = P − I`` and ``U* = R* P⁻¹``. Then
+
+    dx*/dθ = −H⁺ ∂²Ê/∂x∂θ,       H = ∇²ₓÊ   (symmetric; PSD at a stable minimum),
+
+solved by CG with ``H`` deflated by its null space: the ``d`` translations of ``U``
+(zero on the strain); the symmetric strain leaves no rotation. The outputs
+``R* = U* D*`` and ``cell* = cell₀ D*`` are differentiable, with the gauge
+
+* ``d cell*/dθ = cell₀ dD`` with ``dD`` symmetric: the cell derivative has no rigid
+  rotation (``cell₀⁻¹ d cell*`` is symmetric);
+* ``dR*/dθ = dU D* + U* dD``, then shifted to **no net translation**, ``Σ_i dR_i/dθ = 0``
+  (the values of ``R*`` are untouched);
+* ``energy``, ``forces``, ``stress`` are evaluated at the differentiable ``(R*, cell*)``:
+  ``dE*/dθ = ∂E/∂θ`` at fixed structure (envelope theorem), and the forces and stress
+  stay zero along the relaxed branch, so their derivatives vanish (up to the residual).
+
+The strain scale ``c`` (a length) makes the strain block's mean curvature equal the
+largest curvature of the atoms' block, ``c² = mean diag(∂²Ê/∂e²) / λ_max(∂²Ê/∂U²)``,
+for the conditioning of CG; it is a linear change of variables and changes nothing in
+the derivative. Derivatives w.r.t. ``system.cell`` are allowed but are pure gauge: the
+relaxed structure does not depend on the start cell except through the rotation-free
+convention ``cell* = cell₀ P`` (so ``dE*/dcell₀ = 0``).
+
+When differentiating, the stability of the relaxed state is checked on the host
+(``check_stability=True``): up to ``zero_modes.DENSE_MAX_DOF`` degrees of freedom by a
+dense eigen-analysis of ``H`` (strain scaled by ``c``) beyond the translations; above
+that by :func:`mdsens.md.zero_modes.stability` of the atoms' block ``A = ∂²Ê/∂U²`` and the
+eigenvalues of the Schur complement ``S = H_qq − H_qU A⁺ H_Uq`` (``V`` times the relaxed
+elastic tensor, ``A⁺`` by deflated CG): ``H`` is PSD beyond its null space iff both are.
+A negative eigenvalue (a saddle) raises :class:`~mdsens.md.zero_modes.SaddlePointError`;
+zero modes (rattlers, a flat cell direction) join the null space; a nearly singular
+``H`` warns (:class:`~mdsens.md.zero_modes.NearSingularWarning`), with the thresholds of
+:mod:`mdsens.md.zero_modes`. ``check_stability=False`` skips this: only the
+translations are declared, and a saddle is then not detected.
+
+Derivatives through ``relax_cell=True`` need the host: under ``jax.jit`` or ``jax.vmap``
+they raise ``NotImplementedError`` (call ``relax`` outside; loop over parameter sets in
+Python). With neighbor lists (``N >= NEIGHBOR_LIST_MIN_ATOMS`` or
+``neighbor_list=True``) the derivative uses a list built on the host at the relaxed
+structure with the concrete parameters. Like the fixed-cell path, each differentiated
+call compiles its relaxation and derivative pieces (tens of seconds on a CPU); there is
+no cache across calls. Derivatives are only as accurate as the relaxation (Theorem 1):
+set ``fmax`` and ``stress_tol`` tight (the default ``stress_tol`` is ASE's loose
+``fmax · N / V``).
 """
 
 from __future__ import annotations
@@ -42,6 +100,7 @@ from mdsens.md import neighbors as _nb
 from mdsens.md import relax as _relax
 from mdsens.md import zero_modes as _zm
 from mdsens.md.potentials.base import energy_forces_stress
+from mdsens.md.sensitivity import deformation_gradient, voigt_names
 from mdsens.md.system import System
 
 __all__ = ["relax", "relaxation_condition", "rigid_null_space"]
@@ -100,25 +159,25 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
     The derivative is the implicit one, ``dR*/dθ = −H⁺ ∂²E/∂R∂θ`` in the gauge without
     net translation (and rotation for clusters): see the module docstring.
 
+    With ``relax_cell=True`` (and ``stress_tol=`` for the stress criterion) the relaxed
+    cell, positions, energy, forces and stress are differentiable w.r.t. ``params`` in
+    forward and reverse mode, by implicit differentiation in (positions, strain): see
+    "Cell relaxation" in the module docstring for the formulation and gauge. Set
+    ``fmax`` and ``stress_tol`` tight when the derivatives matter.
+
     Raises:
-      NotImplementedError: derivatives through ``relax_cell=True`` (relax the cell
-        first, then differentiate a fixed-cell relaxation from it: the cell is then an
-        input, and strain derivatives come from ``ms.elastic_constants``).
+      NotImplementedError: derivatives through ``relax_cell=True`` under ``jax.jit`` or
+        ``jax.vmap`` (the cell relaxation runs on the host): call ``relax`` outside.
+      SaddlePointError: (when differentiating with ``check_stability``) the relaxed
+        structure, or with ``relax_cell`` the relaxed (structure, cell), is a saddle.
       ValueError: a neighbor-list-sized system (``N >= NEIGHBOR_LIST_MIN_ATOMS``) whose
         parameters are traced by ``jit``/``vmap``: the list's cutoff must be known on the
         host. Pass ``neighbor_list=False`` (dense, exact) or use ``ms.sensitivity``.
     """
     params = pot.params if params is None else params
     if relax_cell:
-        if _is_traced((params, system.positions, system.cell)):
-            raise NotImplementedError(
-                "derivatives through relax(relax_cell=True) are not supported: relax the cell "
-                "first, then differentiate relax(..., relax_cell=False) started from the relaxed "
-                "structure (its cell is then an input), or use ms.elastic_constants for strain "
-                "response."
-            )
-        return _relax.relax(system, pot, params=params, fmax=fmax, max_steps=max_steps,
-                            method=method, relax_cell=True, **options)
+        return _relax_cell(system, pot, params, fmax=fmax, max_steps=max_steps, method=method,
+                           solve=solve, check_stability=check_stability, **options)
 
     # Only a call being differentiated pays for the Hessian eigen-analysis.
     differentiating = _is_traced((params, system.positions, system.cell))
@@ -211,3 +270,265 @@ def _warn_if_not_converged(target, max_steps, fmax_now, steps):
         _relax.NotConvergedWarning,
         stacklevel=2,
     )
+
+
+# ------------------------------------------------------------------------ relax_cell
+class _CellKit:
+    """Everything ``relax(relax_cell=True)`` compiles, for one potential and layout.
+
+    All functions take what varies between calls (positions, strain, params, cell,
+    strain scale ``c``, neighbor indices) as arguments, so their compilations are reused.
+    """
+
+    def __init__(self, pot, system: System, method: str, options: dict):
+        self.host_relax = _relax.make_relax(pot, system, method=method, relax_cell=True, **options)
+        self.use_nl = self.host_relax.use_nl
+        energy_fn = self.host_relax.energy_fn
+        self.energy_fn = energy_fn
+        n, dim = system.n_atoms, system.dim
+        nd = n * dim
+        self.nv = nv = len(voigt_names(dim))
+
+        def E_hat(U, e, params, cell0, nb):
+            """``Ê(U, e) = E(U D(e), θ, cell₀ D(e))``, ``D = I + ε(e)``."""
+            D = deformation_gradient(e, dim)
+            return energy_fn(U @ D, params, cell0 @ D, nb)
+
+        self.E_hat = E_hat
+
+        def energy_x(x, params, cell0, c, nb):
+            U, q = x
+            return E_hat(U, q / c, params, cell0, nb)
+
+        # jitted: JAX differentiates and transposes each as one compiled unit.
+        self.F = jax.jit(jax.grad(energy_x))
+
+        def outputs(U, q, params, cell0, c, nb):
+            D = deformation_gradient(q / c, dim)
+            R, cell = U @ D, cell0 @ D
+            # Gauge: no net translation of dR*/dθ (the shift is exactly zero in value).
+            centre = jnp.mean(R, axis=0)
+            R = R - (centre - jax.lax.stop_gradient(centre))
+            return (R, cell) + tuple(energy_forces_stress(energy_fn, R, params, cell, nb))
+
+        self.outputs = jax.jit(outputs)
+
+        def flat_energy(x, params, cell0, nb):
+            return E_hat(x[:nd].reshape(n, dim), x[nd:], params, cell0, nb)
+
+        def dense_hessian(x, params, cell0, nb):
+            # rows as Hessian-vector products, in batches (bounded memory)
+            grad = jax.grad(flat_energy)
+
+            def row(v):
+                return jax.jvp(lambda y: grad(y, params, cell0, nb), (x,), (v,))[1]
+
+            return jax.lax.map(row, jnp.eye(x.size, dtype=x.dtype), batch_size=min(64, x.size))
+
+        self.dense_hessian = jax.jit(dense_hessian)
+
+        def scales(U, e, params, cell0, nb):
+            lam = _relax.max_curvature(lambda U_, p, c_, nb_: E_hat(U_, e, p, c_, nb_), U, params, cell0, nb)
+            return lam, jax.hessian(E_hat, argnums=1)(U, e, params, cell0, nb)
+
+        self.scales = jax.jit(scales)
+
+        gU = jax.grad(E_hat, argnums=0)
+
+        def blocks(U, e, params, cell0, nb):
+            B = jax.jacfwd(gU, argnums=1)(U, e, params, cell0, nb).reshape(nd, nv)
+            return B, jax.hessian(E_hat, argnums=1)(U, e, params, cell0, nb)
+
+        self.blocks = jax.jit(blocks)
+
+        def solve_columns(B, Q, U, e, params, cell0, nb):
+            """``A⁺ B`` (``A = ∂²Ê/∂U²``) by CG deflated by the orthonormal ``Q``."""
+
+            def deflated(v):
+                _, hv = jax.jvp(lambda u: gU(u, e, params, cell0, nb), (U,), (v.reshape(n, dim),))
+                return hv.ravel() + Q @ (Q.T @ v)
+
+            def one(b):
+                b = b - Q @ (Q.T @ b)
+                y, info = linear_solve.cg(deflated, b, tol=1e-12, maxiter=10 * nd)
+                return y - Q @ (Q.T @ y), info.converged
+
+            return jax.vmap(one, in_axes=1, out_axes=(1, 0))(B)
+
+        self.solve_columns = jax.jit(solve_columns)
+
+    # -- analyses of the relaxed state: (c, (basis_U, basis_q)) --------------------------
+    def analyse(self, U, e, params, cell0, nb, check_stability):
+        if not check_stability:
+            return self._unchecked(U, e, params, cell0, nb)
+        if U.size + self.nv <= _zm.DENSE_MAX_DOF:
+            return self._dense(U, e, params, cell0, nb)
+        return self._iterative(U, e, params, cell0, nb)
+
+    def _unchecked(self, U, e, params, cell0, nb):
+        """``check_stability=False``: the strain scale only, and the translations."""
+        n, dim = U.shape
+        lam, C = self.scales(U, e, params, cell0, nb)
+        bU = np.broadcast_to(np.eye(dim)[:, None, :], (dim, n, dim)) / np.sqrt(n)
+        return _strain_scale(C, float(lam)), (bU, np.zeros((dim, self.nv)))
+
+    def _dense(self, U, e, params, cell0, nb):
+        """Dense eigen-analysis of the joint Hessian in ``[U, q]``, ``q = c e``, projected
+        on the complement of the ``d`` translations: saddle → error, soft modes → null
+        space, near-singular → warning (thresholds of :mod:`mdsens.md.zero_modes`)."""
+        n, dim = U.shape
+        nd, nv = n * dim, self.nv
+        H = np.asarray(self.dense_hessian(jnp.concatenate([U.ravel(), e]), params, cell0, nb))
+        H = 0.5 * (H + H.T)
+        lam_U = np.linalg.eigvalsh(H[:nd, :nd])
+        c = _strain_scale(H[nd:, nd:], float(np.abs(lam_U).max(initial=0.0)))
+        t = np.concatenate([np.ones(nd), np.full(nv, 1.0 / c)])
+        H = t[:, None] * H * t[None, :]
+        Qt = np.zeros((nd + nv, dim))
+        for a in range(dim):
+            Qt[a:nd:dim, a] = 1.0 / np.sqrt(n)
+        P = np.eye(nd + nv) - Qt @ Qt.T
+        w, V = np.linalg.eigh(P @ H @ P)
+        # the d translations are exact zeros: drop the eigenpairs that overlap them most
+        drop = np.argsort(-np.sum((Qt.T @ V) ** 2, axis=0))[:dim]
+        keep = np.setdiff1d(np.arange(nd + nv), drop)
+        soft = _verdict(w[keep], None)
+        modes = np.concatenate([Qt, V[:, keep][:, soft]], axis=1).T  # (k, nd + nv)
+        return c, (modes[:, :nd].reshape(-1, n, dim), modes[:, nd:])
+
+    def _iterative(self, U, e, params, cell0, nb):
+        """The same verdict without a dense Hessian (large systems).
+
+        ``H = [[A, B], [Bᵀ, C]]`` (strain scaled to ``q = c e``) is positive semi-definite
+        beyond its null space iff ``A = ∂²Ê/∂U²`` is (:func:`mdsens.md.zero_modes.stability`,
+        dense or LOBPCG, which also finds rattlers) and the Schur complement
+        ``S = C − Bᵀ A⁺ B`` (``V`` times the relaxed elastic tensor) is.
+        """
+        n, dim = U.shape
+        nv = self.nv
+        report = _zm.stability(lambda U_: self.E_hat(U_, e, params, cell0, nb), U, True)
+        basis_U, lam_U = np.asarray(report.basis), float(report.lambda_max)
+        B, C = self.blocks(U, e, params, cell0, nb)
+        c = _strain_scale(C, lam_U)
+        B, C = np.asarray(B) / c, np.asarray(C) / c**2
+        Q = jnp.asarray(basis_U.reshape(basis_U.shape[0], -1).T)
+        Y, ok = self.solve_columns(jnp.asarray(B), Q, U, e, params, cell0, nb)
+        if not bool(np.all(np.asarray(ok))):
+            warnings.warn(
+                "relax(relax_cell=True): the CG solves of the cell stability analysis (Schur "
+                "complement) did not converge; its verdict is approximate.",
+                _zm.NearSingularWarning,
+                stacklevel=5,
+            )
+        Y = np.asarray(Y)
+        S = C - B.T @ Y
+        mu, W = np.linalg.eigh(0.5 * (S + S.T))
+        soft = _verdict(mu, lam_U)
+        W = W[:, soft]
+        # a flat strain direction w comes with its internal relaxation −A⁺B w
+        bU = np.concatenate([basis_U, (-(Y @ W)).T.reshape(-1, n, dim)], axis=0)
+        bq = np.concatenate([np.zeros((basis_U.shape[0], nv)), W.T], axis=0)
+        return c, (bU, bq)
+
+
+def _verdict(w, lam_scale) -> np.ndarray:
+    """Saddle → :class:`SaddlePointError`; near-singular → warning; returns the soft mask.
+
+    ``w``: eigenvalues beyond the translations; ``lam_scale``: a further curvature scale
+    (the largest eigenvalue of the atoms' block) when ``w`` is not the whole spectrum.
+    """
+    lam_max = max(float(np.abs(w).max(initial=0.0)), lam_scale or 0.0, 1e-300)
+    soft = np.abs(w) <= _zm.SOFT_MODE_RTOL * lam_max
+    rest = w[~soft]
+    if rest.size and rest.min() < -_zm.SADDLE_RTOL * lam_max:
+        n_neg = int(np.sum(rest < -_zm.SADDLE_RTOL * lam_max))
+        raise _zm.SaddlePointError(
+            f"the cell-relaxed structure is a saddle point, not a minimum: the Hessian in "
+            f"(positions, strain) has {n_neg} negative eigenvalue(s) beyond the translations, "
+            f"the most negative {rest.min():.6g} (largest {lam_max:.6g}; strain scaled to the "
+            "atoms' curvature). A derivative of a saddle is not what a relaxation follows. "
+            "Fix: perturb the positions and the cell (break the symmetry) and relax again."
+        )
+    if rest.size and 0 <= rest.min() <= _zm.NEAR_SINGULAR_RTOL * lam_max:
+        warnings.warn(
+            "relax(relax_cell=True): the Hessian in (positions, strain) is nearly singular "
+            f"beyond the declared zero modes: smallest eigenvalue {rest.min():.6g} "
+            f"(λ_min/λ_max = {rest.min() / lam_max:.3g}). Derivatives are amplified by "
+            "1/λ_min and are only as accurate as the relaxation; relax to a smaller fmax "
+            "and stress_tol.",
+            _zm.NearSingularWarning,
+            stacklevel=6,
+        )
+    return soft
+
+
+def _strain_to_voigt(eps, dim: int) -> np.ndarray:
+    """Voigt vector (engineering shear, ``voigt_names`` order) of a symmetric ``(d, d)`` ε."""
+    pairs = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)] if dim == 3 else [(0, 0), (1, 1), (0, 1)]
+    return np.array([eps[a, b] if a == b else eps[a, b] + eps[b, a] for a, b in pairs])
+
+
+def _strain_scale(C_e, lam_max_U) -> float:
+    """``c`` with ``q = c e``: the strain block's mean curvature becomes ``λ_max`` of the
+    atoms' block (conditioning only; the derivative does not depend on it)."""
+    curv = float(np.mean(np.abs(np.diag(np.asarray(C_e)))))
+    ratio = curv / lam_max_U if lam_max_U > 0 else float("nan")
+    return float(np.sqrt(ratio)) if (np.isfinite(ratio) and ratio > 0) else 1.0
+
+
+def _relax_cell(system: System, pot, params, *, fmax, max_steps, method, solve, check_stability,
+                **options):
+    """``relax(..., relax_cell=True)``: host relaxation, implicit derivatives (module doc)."""
+    stress_tol = options.pop("stress_tol", None)
+    progress = options.pop("progress", None)
+    kit = _CellKit(pot, system, method, options)
+    call = dict(fmax=fmax, max_steps=max_steps, stress_tol=stress_tol, progress=progress)
+    if not _is_traced((params, system.positions, system.cell)):
+        # Nothing to differentiate: the host relaxation as is.
+        return kit.host_relax(system, params, **call)
+
+    dim = system.dim
+    # Filled by the primal (host) solve, which sees concrete values outside jit/vmap:
+    # the strain scale c, the neighbor indices at the relaxed structure, the null-space
+    # basis and the host result.
+    state = {}
+
+    def F(x, params, cell0):
+        return kit.F(x, params, cell0, state["c"], state["neighbor"])
+
+    def null_space(x, params, cell0):
+        return state["basis"]
+
+    linear = solve or functools.partial(linear_solve.cg, tol=DEFAULT_SOLVE_TOL)
+
+    @custom_root(F, solve=linear, nullspace=null_space, symmetric=True, has_aux=True)
+    def relaxed_state(init, params, cell0):
+        if _is_traced((init, params, cell0)):
+            raise NotImplementedError(
+                "relax(..., relax_cell=True) cannot run under jax.jit or jax.vmap: the cell "
+                "relaxation and its stability analysis run on the host. Call it outside "
+                "jit/vmap (jax.grad, jax.jacfwd, jax.jacrev, jax.jvp and jax.vjp all work), "
+                "e.g. loop over parameter sets in Python."
+            )
+        cell0 = np.asarray(cell0, np.float64)
+        host = kit.host_relax(system.replace(positions=init, cell=jnp.asarray(cell0)), params, **call)
+        # relax removed the rigid rotation: cell* = cell0 P with P symmetric positive.
+        P = np.linalg.solve(cell0, np.asarray(host.system.cell))
+        P = 0.5 * (P + P.T)
+        e = jnp.asarray(_strain_to_voigt(P - np.eye(dim), dim))
+        U = jnp.asarray(np.linalg.solve(P, np.asarray(host.system.positions).T).T)  # R* P⁻¹
+        nb = None
+        if kit.use_nl:
+            nb = _nb.indices_only(pot.neighbor_list(host.system, params,
+                                                    **(options.get("neighbor_options") or {})))
+        c, (bU, bq) = kit.analyse(U, e, params, jnp.asarray(cell0), nb, check_stability)
+        q = e * c
+        state.update(c=jnp.asarray(c, jnp.float64), neighbor=nb, host=host,
+                     basis=(jnp.asarray(bU), jnp.asarray(bq)))
+        return (U, q), (jnp.asarray(host.steps), jnp.asarray(host.fmax))
+
+    (U, q), _ = relaxed_state(system.positions, params, system.cell)
+    R, cell, energy, forces, stress = kit.outputs(U, q, params, system.cell, state["c"], state["neighbor"])
+    host = state["host"]
+    return host._replace(system=host.system.replace(positions=R, cell=cell), energy=energy,
+                         forces=forces, stress=stress)
