@@ -136,6 +136,7 @@ def test_lj_reverse_mode_closed_forms_and_forward_equals_reverse(lj_binary, lj_j
     np.testing.assert_allclose(lhs, rhs, rtol=1e-9)  # both solves to relative residual 1e-10
 
 
+@pytest.mark.slow  # eight re-relaxations with tight stress: ~35 s
 def test_lj_cell_derivative_matches_finite_difference_re_relaxation(lj_binary, lj_jacobian):
     pot, system, res = lj_binary
     # ε_KrKr: changes the structure (not a scaling law), anisotropically
