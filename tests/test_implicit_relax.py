@@ -61,6 +61,18 @@ def packing():
     return system, pot, relax(system, pot, fmax=1e-10, neighbor_list=False)
 
 
+def dense_pinv_tangent(pot, system, name, direction):
+    """−H⁺ ∂²E/∂R∂θ·direction from the dense all-pairs Hessian at system.positions."""
+    energy = pot.energy_fn(system, neighbor_list=False)
+    R, cell = system.positions, system.cell
+    n = R.size
+    H = jax.hessian(energy)(R, pot.params, cell).reshape(n, n)
+    mixed = jax.jacfwd(lambda t: jax.grad(energy)(
+        R, {**pot.params, name: pot.params[name] + t * direction}, cell))(0.0).reshape(n)
+    H_pinv = np.linalg.pinv(np.asarray(H), rcond=1e-10)
+    return -(H_pinv @ np.asarray(mixed)).reshape(R.shape)
+
+
 def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
     system, pot, result = packing
     name = "sigma"
@@ -86,15 +98,10 @@ def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
     np.testing.assert_allclose(np.asarray(tangent), fd, atol=1e-3 * np.abs(fd).max())
     np.testing.assert_allclose(np.asarray(tangent).sum(0), 0.0, atol=1e-9)
 
-    # the tight truth: a dense pseudo-inverse of the Hessian
-    energy = pot.energy_fn(result.system, neighbor_list=False)
-    R, cell = R_star, result.system.cell  # the truth at the very R* the derivative used
-    n = R.size
-    H = jax.hessian(energy)(R, pot.params, cell).reshape(n, n)
-    mixed = jax.jacfwd(lambda t: jax.grad(energy)(
-        R, {**pot.params, name: pot.params[name] + t * direction}, cell))(0.0).reshape(n)
-    H_pinv = np.linalg.pinv(np.asarray(H), rcond=1e-10)
-    dense = -(H_pinv @ np.asarray(mixed)).reshape(R.shape)
+    # the tight truth: a dense pseudo-inverse of the Hessian, at the very R* the
+    # derivative used
+    R = R_star
+    dense = dense_pinv_tangent(pot, result.system.replace(positions=R), name, direction)
     np.testing.assert_allclose(np.asarray(tangent), dense, atol=1e-8 * np.abs(dense).max())
 
     # reverse mode on the same 128-particle periodic packing (the case where a plain CG
@@ -133,3 +140,25 @@ def test_vmap_over_parameter_sets_uses_the_device_loop(cluster):
     grads = jax.vmap(jax.grad(energy))(eps)
     np.testing.assert_allclose(grads, float(result.energy) / 0.0104, rtol=1e-8)
 
+
+
+def test_neighbor_list_relax_is_differentiable_outside_jit(packing):
+    """Systems of N >= 500 use neighbor lists; jax.jvp and jax.vjp of ms.relax work there
+    (the list is built on the host at R*, with concrete parameters). Forced on the
+    128-particle packing and checked against the dense all-pairs pseudo-inverse; under
+    jit the host list cannot be built and the refusal says what to do."""
+    system, pot, result = packing
+    direction = jnp.zeros_like(pot.params["sigma"]).at[0, 0].set(1.0)
+
+    def positions(scale):
+        p = {**pot.params, "sigma": pot.params["sigma"] + scale * direction}
+        return relax(result.system, pot, params=p, fmax=1e-11, neighbor_list=True).system.positions
+
+    R_star, tangent = jax.jvp(positions, (0.0,), (1.0,))
+    dense = dense_pinv_tangent(pot, result.system.replace(positions=R_star), "sigma", direction)
+    np.testing.assert_allclose(np.asarray(tangent), dense, atol=1e-8 * np.abs(dense).max())
+    u = np.random.default_rng(1).normal(size=dense.shape)
+    (reverse,) = jax.vjp(positions, 0.0)[1](jnp.asarray(u))
+    np.testing.assert_allclose(float(reverse), float(np.vdot(u, dense)), rtol=1e-8)
+    with pytest.raises(ValueError, match="outside jit"):
+        jax.jit(positions)(0.0)

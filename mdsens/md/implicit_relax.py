@@ -170,9 +170,11 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
         ``jax.vmap`` (the cell relaxation runs on the host): call ``relax`` outside.
       SaddlePointError: (when differentiating with ``check_stability``) the relaxed
         structure, or with ``relax_cell`` the relaxed (structure, cell), is a saddle.
-      ValueError: a neighbor-list-sized system (``N >= NEIGHBOR_LIST_MIN_ATOMS``) whose
-        parameters are traced by ``jit``/``vmap``: the list's cutoff must be known on the
-        host. Pass ``neighbor_list=False`` (dense, exact) or use ``ms.sensitivity``.
+      ValueError: a neighbor-list-sized system (``N >= pot.neighbor_list_min_atoms``)
+        relaxed under ``jit``/``vmap``: the list is built on the host. Differentiating
+        with ``jax.grad``/``jax.jvp``/``jax.jacfwd`` outside ``jit`` works (the list is
+        built at R* with the concrete parameters); under ``jit`` pass
+        ``neighbor_list=False`` (dense, exact) or use ``ms.sensitivity``.
     """
     params = pot.params if params is None else params
     if relax_cell:
@@ -186,37 +188,25 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
     progress = options.pop("progress", None)
     if options.pop("stress_tol", None) is not None:
         raise ValueError("stress_tol only applies with relax_cell=True.")
-    use_nl = _nb.use_neighbor_list(system.n_atoms) if neighbor_list is None else bool(neighbor_list)
+    host_relax = _relax.make_relax(pot, system, method=method, neighbor_list=neighbor_list, **options)
+    use_nl = host_relax.use_nl
     cell = system.cell
     energy_fn = pot.energy_fn(system, neighbor_list=use_nl,
                               params=None if _is_traced(params) else params)
     grad_E = relaxation_condition(energy_fn)
-    host_results = []
+    # Filled by the primal solve when it runs on the host (concrete values: no jit/vmap
+    # around the call, though jax.grad/jvp/jacfwd may be): the relaxation's result and
+    # the neighbor list it built at R*. F and the outputs are only ever evaluated at R*,
+    # so that one list is exact for them, and it is built with concrete parameters even
+    # when jax.grad traces them.
+    host = {}
 
-    if use_nl:
-        if _is_traced((params, cell)):
-            raise ValueError(
-                f"relax() of N={system.n_atoms} atoms uses a neighbor list, whose cutoff must "
-                "be known on the host, but the parameters or cell are traced by jit/vmap. "
-                "Pass neighbor_list=False (dense and exact), call relax outside jit/vmap, or "
-                "differentiate with ms.sensitivity(result, pot)."
-            )
-        nl = pot.neighbor_list_fn(system, params, **options.get("neighbor_options", None) or {})
-        seed = nl.allocate(system.positions, cell, extra_capacity=8)
-
-        def F(R, params, cell, seed):
-            return grad_E(R, params, cell, nl.update(R, seed, cell))
-    else:
-        nl, seed = None, None
-
-        def F(R, params, cell, seed):
-            return grad_E(R, params, cell, None)
-
-    host_relax = _relax.make_relax(pot, system, method=method, neighbor_list=use_nl, **options)
+    def F(R, params, cell):
+        return grad_E(R, params, cell, host.get("neighbor"))
 
     stable_bases = []
 
-    def null_space(R, params, cell, seed):
+    def null_space(R, params, cell):
         # The basis found by the host eigen-analysis of the primal solve, if there was
         # one; the rigid modes otherwise (under jit/vmap).
         return stable_bases[-1] if stable_bases else rigid_null_space(R, system.pbc)
@@ -224,36 +214,40 @@ def relax(system: System, pot, *, params=None, fmax: float = _relax.DEFAULT_FMAX
     def analyse_stability(R, params, cell):
         # Runs in the primal (eager) solve: reverse mode stages everything inside the
         # JVP rule, where a host eigen-analysis could not see concrete numbers.
-        neighbor = None if nl is None else nl.allocate(R, cell)
-        energy = lambda r: energy_fn(r, params, cell, neighbor)  # noqa: E731
-        stable_bases.append(np.asarray(_zm.null_space(energy, R, system.pbc)))
+        stable_bases.append(np.asarray(_zm.null_space(energy_fn, R, system.pbc,
+                                                      args=(params, cell, host.get("neighbor")))))
 
     linear = solve or functools.partial(linear_solve.cg, tol=DEFAULT_SOLVE_TOL)
 
     @custom_root(F, solve=linear, nullspace=null_space, symmetric=True, has_aux=True)
-    def relaxed_positions(init, params, cell, seed):
+    def relaxed_positions(init, params, cell):
         if _is_traced((init, params, cell)):
+            if use_nl:
+                raise ValueError(
+                    f"relax() of N={system.n_atoms} atoms uses a neighbor list, whose cutoff "
+                    "must be known on the host, but the call is traced by jit/vmap. Call relax "
+                    "outside jit/vmap (jax.grad, jax.jvp and jax.jacfwd of it work), pass "
+                    "neighbor_list=False (dense and exact), or differentiate with "
+                    "ms.sensitivity(result, pot)."
+                )
             minimize = _relax.fire_minimize if method == "fire" else _relax.gradient_descent_minimize
-            kwargs = {} if nl is None else dict(neighbor=seed, neighbor_update=nl.update)
-            out = minimize(energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps, **kwargs)
+            out = minimize(energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps)
             return out.positions, (out.steps, out.fmax)
         start = system.replace(positions=init) if cell is None else system.replace(positions=init, cell=cell)
         result = host_relax(start, params, fmax=fmax, max_steps=max_steps, progress=progress)
-        host_results.append(result)
+        host.update(result=result, neighbor=_nb.indices_only(result.neighbor))
         if check_stability and differentiating:
             analyse_stability(result.system.positions, params, cell)
         return result.system.positions, (jnp.asarray(result.steps), jnp.asarray(result.fmax))
 
-    R, (steps, fmax_now) = relaxed_positions(system.positions, params, cell, seed)
+    R, (steps, fmax_now) = relaxed_positions(system.positions, params, cell)
 
     relaxed = system.replace(positions=R) if cell is None else system.replace(positions=R, cell=cell)
-    neighbor = None if nl is None else nl.update(R, seed, cell)
-    if nl is not None and not _is_traced(R) and neighbor.needs_reallocation():
-        neighbor = nl.allocate(jax.lax.stop_gradient(R), cell)
-    energy, forces, stress = energy_forces_stress(energy_fn, R, params, cell, neighbor)
-    if host_results:
-        host = host_results[-1]
-        return _relax.RelaxResult(relaxed, energy, forces, host.fmax, host.steps, host.converged, stress)
+    energy, forces, stress = energy_forces_stress(energy_fn, R, params, cell, host.get("neighbor"))
+    if "result" in host:
+        done = host["result"]
+        return _relax.RelaxResult(relaxed, energy, forces, done.fmax, done.steps, done.converged, stress,
+                                  done.neighbor)
     converged = fmax_now < fmax
     jax.debug.callback(functools.partial(_warn_if_not_converged, fmax, max_steps), fmax_now, steps)
     return _relax.RelaxResult(relaxed, energy, forces, fmax_now, steps, converged, stress)
