@@ -57,7 +57,7 @@ import functools
 import io
 import json
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
