@@ -257,6 +257,7 @@ def _ring_and_dimers(n_ring=40, n_dimers=6, seed=5):
     return E, R
 
 
+@pytest.mark.slow  # two LOBPCG rounds to convergence: ~16 s
 def test_lobpcg_rounds_find_more_soft_modes_than_its_block():
     E, R = _ring_and_dimers()
     zero_rows, projector, lam_min, k_null = _dense_truth(E, R)
