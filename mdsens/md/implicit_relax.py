@@ -99,7 +99,7 @@ from mdsens.md import neighbors as _nb
 from mdsens.md import relax as _relax
 from mdsens.md import zero_modes as _zm
 from mdsens.md.potentials.base import energy_forces_stress
-from mdsens.md.sensitivity import deformation_gradient, voigt_names
+from mdsens.md.sensitivity import _voigt_pairs, deformation_gradient, voigt_names
 from mdsens.md.system import System
 
 __all__ = ["relax", "relaxation_condition", "rigid_null_space"]
@@ -275,7 +275,6 @@ class _CellKit:
 
     def __init__(self, pot, system: System, method: str, options: dict):
         self.host_relax = _relax.make_relax(pot, system, method=method, relax_cell=True, **options)
-        self.use_nl = self.host_relax.use_nl
         energy_fn = self.host_relax.energy_fn
         self.energy_fn = energy_fn
         n, dim = system.n_atoms, system.dim
@@ -457,8 +456,7 @@ def _verdict(w, lam_scale) -> np.ndarray:
 
 def _strain_to_voigt(eps, dim: int) -> np.ndarray:
     """Voigt vector (engineering shear, ``voigt_names`` order) of a symmetric ``(d, d)`` ε."""
-    pairs = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)] if dim == 3 else [(0, 0), (1, 1), (0, 1)]
-    return np.array([eps[a, b] if a == b else eps[a, b] + eps[b, a] for a, b in pairs])
+    return np.array([eps[a, b] if a == b else eps[a, b] + eps[b, a] for a, b in _voigt_pairs(dim)])
 
 
 def _strain_scale(C_e, lam_max_U) -> float:
@@ -510,10 +508,9 @@ def _relax_cell(system: System, pot, params, *, fmax, max_steps, method, solve, 
         P = 0.5 * (P + P.T)
         e = jnp.asarray(_strain_to_voigt(P - np.eye(dim), dim))
         U = jnp.asarray(np.linalg.solve(P, np.asarray(host.system.positions).T).T)  # R* P⁻¹
-        nb = None
-        if kit.use_nl:
-            nb = _nb.indices_only(pot.neighbor_list(host.system, params,
-                                                    **(options.get("neighbor_options") or {})))
+        # The list the relaxation confirmed convergence with, built at (R*, cell*) with
+        # these concrete parameters; None on the dense path.
+        nb = _nb.indices_only(host.neighbor)
         c, (bU, bq) = kit.analyse(U, e, params, jnp.asarray(cell0), nb, check_stability)
         q = e * c
         state.update(c=jnp.asarray(c, jnp.float64), neighbor=nb, host=host,
