@@ -56,6 +56,9 @@ class StillingerWeber(Potential):
     """
 
     name = "StillingerWeber"
+    # The dense three-body sum runs over all (N, N, N) triplets. Measured (2-core CPU,
+    # FIRE on Si): lists win from ~30 atoms (1.3x at 45, 1.6x at 63, 7x at 215 atoms).
+    neighbor_list_min_atoms = 32
 
     def __init__(
         self,
