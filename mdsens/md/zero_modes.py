@@ -55,7 +55,14 @@ iterates until its block's residuals are below ``LOBPCG_TOL·λ_max``, at most
 ``LOBPCG_MAXITER`` times; at the cap the result still counts as converged if the
 eigenpairs it depends on (soft modes, ``λ_min``) have residuals
 ``≤ LOBPCG_RESIDUAL_RTOL·λ_max`` (a Ritz value lies within its residual of an
-eigenvalue), else :class:`NearSingularWarning`.
+eigenvalue), else :class:`NearSingularWarning`. LOBPCG runs in chunks of
+``LOBPCG_CHUNK`` iterations, restarted from its Ritz vectors, and stops early once the
+soft modes' residuals are below ``LOBPCG_RESIDUAL_RTOL·λ_max`` and ``λ_min``'s below
+``max(LOBPCG_RESIDUAL_RTOL·λ_max, LAMBDA_MIN_RTOL·|λ_min|)``: on ill-conditioned
+packings the whole block needs ~30 % more iterations than ``λ_min`` alone (the other
+eigenvalues of the block are then Ritz values, upper bounds good to their residuals).
+The compiled LOBPCG and power iteration are cached on the energy function, like the
+Hessian-vector products (see ``args`` of :func:`stability`).
 
 **Thresholds.** With ``λ_max`` the largest Hessian eigenvalue on that complement and
 ``λ_min`` the smallest:
@@ -116,6 +123,14 @@ DENSE_MAX_DOF = 2000
 LOBPCG_MODES = 8
 #: LOBPCG iteration cap (per round).
 LOBPCG_MAXITER = 400
+#: LOBPCG runs in chunks of this many iterations, restarted from its Ritz vectors, so
+#: that it can stop as soon as the eigenpairs the report depends on have converged.
+LOBPCG_CHUNK = 100
+#: Relative accuracy ``‖P H P u − λ u‖ / |λ|`` at which the ``λ_min`` eigenpair stops
+#: LOBPCG (besides ``LOBPCG_RESIDUAL_RTOL·λ_max``): ``λ_min`` is then known to ~1 % (a
+#: Ritz value lies within its residual of an eigenvalue), enough for its sign (saddle)
+#: and for the near-singular warning.
+LAMBDA_MIN_RTOL = 1e-2
 #: Relative residual ``‖P H P u − λ u‖ / λ_max`` LOBPCG iterates for (whole block).
 LOBPCG_TOL = 1e-12
 #: Relative residual ``‖P H P u − λ u‖ / λ_max`` under which an eigenpair LOBPCG left
@@ -238,7 +253,8 @@ class StabilityReport:
       method: ``"dense"`` or ``"lobpcg"``.
       converged: the eigen-solver converged and reached ``lambda_min`` (always True for
         dense; LOBPCG: its whole block converged, or at least the eigenpairs of the soft
-        modes and of ``lambda_min`` have residuals ``≤ LOBPCG_RESIDUAL_RTOL·λ_max``).
+        modes have residuals ``≤ LOBPCG_RESIDUAL_RTOL·λ_max`` and that of
+        ``lambda_min`` ``≤ max(LOBPCG_RESIDUAL_RTOL·λ_max, LAMBDA_MIN_RTOL·|λ_min|)``).
       isolated_dofs: sorted indices into the flattened ``N·d`` coordinates whose Hessian
         row is zero (rattlers; atom ``k // d``, component ``k % d``); see
         :attr:`rattlers` for the atoms.
@@ -275,18 +291,61 @@ class StabilityReport:
         return float(self.lambda_max / self.lambda_min) if self.lambda_min > 0 else float("inf")
 
 
-def _power_lambda_max(matvec, n, iterations=50):
-    v = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float64)
+#: Power iterations for ``λ_max`` (an estimate: it only scales the relative thresholds).
+_POWER_ITERATIONS = 50
+
+
+def _project(V, known, free):
+    """``V (dof, m)`` onto the complement of the isolated dofs (``free`` mask) and ``known``."""
+    V = V * free[:, None]
+    return V - known @ (known.T @ V)
+
+
+def _projected_hvp(energy, positions, args, known, free, V):
+    """``P H P V`` for ``V (dof, m)``: the Hessian on the complement of the known modes."""
+    n, d = positions.shape
+    PV = _project(V, known, free)
+    HV = _batched_hvp(energy, positions, args, PV.T.reshape(-1, n, d)).reshape(-1, n * d).T
+    return _project(HV, known, free)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _projected_lambda_max(energy, positions, args, known, free):
+    """Power-iteration estimate of ``λ_max`` of ``P H P`` (jitted, cached on ``energy``)."""
+    dof = positions.size
+    v = jax.random.normal(jax.random.PRNGKey(1), (dof, 1), jnp.float64)
     v = v / jnp.linalg.norm(v)
 
     def body(_, carry):
         v, _ = carry
-        w = matvec(v)
+        w = _projected_hvp(energy, positions, args, known, free, v)
         nw = jnp.linalg.norm(w)
         return w / jnp.maximum(nw, 1e-300), nw
 
-    _, lam = jax.lax.fori_loop(0, iterations, body, (v, jnp.zeros((), jnp.float64)))
-    return float(lam)
+    _, lam = jax.lax.fori_loop(0, _POWER_ITERATIONS, body, (v, jnp.zeros((), jnp.float64)))
+    return lam
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _lobpcg_lowest(energy, positions, args, known, free, shift, X, iterations, tol):
+    """``iterations`` of LOBPCG for the lowest eigenpairs of ``P H P``, from block ``X``.
+
+    LOBPCG finds the largest eigenpairs of ``P (shift·I − H) P``; returns the
+    eigenvalues of ``H`` (``shift − θ``), the vectors ``U (dof, m)``, the iterations
+    done, and each pair's residual ``‖P H P u − λ u‖``. Jitted with ``energy`` static,
+    so repeated calls (chunks, structures, parameters) reuse one compilation.
+    """
+    from jax.experimental.sparse.linalg import lobpcg_standard
+
+    def shifted(V):
+        PV = _project(V, known, free)
+        return shift * PV - _projected_hvp(energy, positions, args, known, free, PV)
+
+    theta, U, iters = lobpcg_standard(shifted, X, m=iterations, tol=tol)
+    w = shift - theta
+    PU = _project(U, known, free)
+    resid = jnp.linalg.norm(_projected_hvp(energy, positions, args, known, free, PU) - PU * w, axis=0)
+    return w, U, iters, resid
 
 
 def _free_rigid_modes(Q: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -423,22 +482,8 @@ def stability(
         rest = w[~soft_mask]
         eigenvalues = w
     else:
-        from jax.experimental.sparse.linalg import lobpcg_standard
-
-        free_j = jnp.asarray(free, jnp.float64)[:, None]
-        def cols_hvp(V):  # (dof, m) -> (dof, m)
-            HV = _batched_hvp(energy, R, args, V.T.reshape(-1, n, d))
-            return HV.reshape(-1, dof).T
-
-        def projector(K):
-            def project(V):  # (dof, m) -> (dof, m), onto the complement of mask ∪ K
-                V = V * free_j
-                return V - K @ (K.T @ V)
-
-            return project
-
-        project = projector(jnp.asarray(Qf))
-        lam_max = _power_lambda_max(lambda v: project(cols_hvp(project(v[:, None])))[:, 0], dof)
+        free_j = jnp.asarray(free, jnp.float64)
+        lam_max = float(_projected_lambda_max(energy, R, args, jnp.asarray(Qf), free_j))
         shift = 1.05 * lam_max
         known = Qf  # grows by the soft modes of rounds that found nothing else
         soft_found = np.zeros((dof, 0))
@@ -450,34 +495,39 @@ def stability(
                 w, rest = np.zeros(0), np.zeros(0)
                 break
             m = max(1, min(block, (dof - 1) // 5, n_comp // 3))
-            project = projector(jnp.asarray(known))
-
-            def shifted(V, project=project):
-                PV = project(V)
-                return shift * PV - project(cols_hvp(PV))
-
-            X0 = project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED + round_), (dof, m), jnp.float64))
+            known_j = jnp.asarray(known)
+            X = _project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED + round_), (dof, m), jnp.float64),
+                         known_j, free_j)
             # jax's criterion is ‖r‖ < tol·10·n·(θ + ‖A u‖) with θ ≈ ‖A u‖ ≤ 1.05 λ_max:
             # ask for ‖r‖ ≲ LOBPCG_TOL·λ_max, whatever n (soft modes' directions are only
             # accurate to ~‖r‖/λ_min, and they go into the null-space basis).
             tol = LOBPCG_TOL / (21.0 * dof)
-            theta, U, iters = lobpcg_standard(shifted, X0, m=LOBPCG_MAXITER, tol=tol)
-            w = shift - np.asarray(theta)
+            done = 0
+            while True:
+                chunk = min(LOBPCG_CHUNK, LOBPCG_MAXITER - done)
+                w, U, iters, resid = _lobpcg_lowest(energy, R, args, known_j, free_j, shift, X, chunk, tol)
+                done += int(iters)
+                w, U, resid = np.asarray(w), np.asarray(U), np.asarray(resid)
+                lam_max = max(lam_max, float(np.abs(w).max()))
+                soft_mask = np.abs(w) <= soft_mode_rtol * lam_max
+                # The pairs the report depends on: the soft modes and the lowest other
+                # one (λ_min). LOBPCG stops only when its whole block has converged, and
+                # the last pairs of a block lag far behind the first.
+                needed_ok = resid[soft_mask] <= LOBPCG_RESIDUAL_RTOL * lam_max
+                others = np.flatnonzero(~soft_mask)
+                if others.size:
+                    j_min = others[np.argmin(w[others])]
+                    bound = max(LOBPCG_RESIDUAL_RTOL * lam_max, LAMBDA_MIN_RTOL * abs(w[j_min]))
+                    needed_ok = np.append(needed_ok, resid[j_min] <= bound)
+                reported_ok = bool(np.all(needed_ok))
+                if int(iters) < chunk or reported_ok or done >= LOBPCG_MAXITER:
+                    break
+                X = jnp.asarray(U)  # restart from the Ritz vectors
+            if int(iters) >= chunk:  # stopped on the reported pairs, or at the cap
+                converged = converged and reported_ok
             order = np.argsort(w)
-            w, U = w[order], np.asarray(U)[:, order]
-            lam_max = max(lam_max, float(np.abs(w).max()))
-            soft_mask = np.abs(w) <= soft_mode_rtol * lam_max
-            if int(iters) >= LOBPCG_MAXITER:
-                # LOBPCG stops only when its whole block has converged, and the last
-                # pairs of a block lag far behind the first: judge the pairs the report
-                # depends on (soft modes and λ_min) by their own residuals instead (one
-                # more block HVP). A Ritz value is within its residual of an eigenvalue.
-                PU = project(jnp.asarray(U))
-                resid = np.linalg.norm(np.asarray(project(cols_hvp(PU)) - PU * w), axis=0)
-                needed = soft_mask.copy()
-                needed[np.flatnonzero(~soft_mask)[:1]] = True
-                converged = converged and bool(np.all(resid[needed] <= LOBPCG_RESIDUAL_RTOL * lam_max))
-            new_soft = _orthonormal_columns(np.asarray(project(jnp.asarray(U[:, soft_mask]))))
+            w, U, soft_mask = w[order], U[:, order], soft_mask[order]
+            new_soft = _orthonormal_columns(np.asarray(_project(jnp.asarray(U[:, soft_mask]), known_j, free_j)))
             soft_found = np.concatenate([soft_found, new_soft], axis=1)
             rest = w[~soft_mask]
             if rest.size or m >= n_comp:
@@ -533,7 +583,8 @@ def stability(
     elif not converged and warn:
         warnings.warn(
             f"LOBPCG did not converge in {LOBPCG_MAXITER} iterations (the residuals of the "
-            "soft-mode and smallest eigenpairs exceed LOBPCG_RESIDUAL_RTOL·λ_max); the "
+            "soft-mode or smallest eigenpairs exceed LOBPCG_RESIDUAL_RTOL·λ_max, and "
+            "LAMBDA_MIN_RTOL·|λ_min| for the smallest); the "
             f"smallest eigenvalue estimate {lam_min:.6g} is an upper bound.",
             NearSingularWarning,
             stacklevel=2,
