@@ -4,8 +4,9 @@ Policy
 ------
 * Systems with ``N >= NEIGHBOR_LIST_MIN_ATOMS`` (= 500) atoms use neighbor lists; smaller
   ones use the dense all-pairs path (O(N²) but branch-free and fastest at that size).
-  A potential may lower the switch (``pot.neighbor_list_min_atoms``; Tersoff: 128,
-  because its dense bond-order sum is O(N³)).
+  A potential may lower the switch (``pot.neighbor_list_min_atoms``; Tersoff: 128 and
+  Stillinger–Weber: 32, because their dense three-body sums are O(N³)). Differentiating
+  ``ms.relax`` under jit/vmap needs the dense path (``neighbor_list=False``).
   Both give the same energies and forces to round-off (tested to 1e-12).
 * Lists are jax-md ``Dense`` lists (full: every pair i→j and j→i, needed by three-body
   potentials), built on fractional coordinates with ``periodic_general`` for periodic

@@ -25,12 +25,12 @@ Everything is differentiable w.r.t. ``positions``, ``params`` and ``cell``.
 
 Neighbor lists (see :mod:`mdsens.md.neighbors`)
 -----------------------------------------------
-Systems with ``N >= pot.neighbor_list_min_atoms`` atoms (500 for pair potentials and
-Stillinger–Weber, 128 for Tersoff, whose dense path is O(N³)) use neighbor lists
+Systems with ``N >= pot.neighbor_list_min_atoms`` atoms (500 for pair potentials, 128
+for Tersoff and 32 for Stillinger–Weber, whose dense paths are O(N³)) use neighbor lists
 automatically; the energy function then *requires* a ``neighbor`` argument (calling it
 without one raises instead of silently building an O(N²) dense problem)::
 
-    E = pot.energy_fn(system)                      # auto: neighbor list if N >= 500
+    E = pot.energy_fn(system)                      # auto: list if N >= neighbor_list_min_atoms
     nl = pot.neighbor_list_fn(system, params)      # NeighborListFn, cutoff = pot.cutoff(params)
     nbrs = nl.allocate(positions, cell)            # host
     nbrs = nl.update(positions, nbrs, cell)        # pure, jit-able (e.g. every relax step)
