@@ -161,7 +161,7 @@ def bench_one(label, system, pot, tangent, fd_step, *, unroll_max, jaxopt_max, j
 
     # reference: dense pinv when affordable, else central FD of re-relaxations
     E = pot.energy_fn(res.system)
-    nb = pot.neighbor_list(res.system) if n >= 500 else None
+    nb = pot.neighbor_list(res.system) if res.neighbor is not None else None  # as relax chose
     cell = res.system.cell
     if n * d <= 2048:
         H = jax.hessian(lambda x: E(x, params, cell, nb))(res.system.positions).reshape(n * d, n * d)
