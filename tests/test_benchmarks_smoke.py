@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,21 +26,31 @@ def test_core_benchmark_smoke(tmp_path):
     assert out_json.exists()
 
 
-def test_sensitivity_benchmark_smoke():
-    """benchmarks/sensitivity.py on one small packing and the 63-atom SW crystal (no
-    peers): the table prints and mdsens's forward derivative matches the dense
-    pseudo-inverse it is checked against, on the dense and the neighbor-list paths."""
+def _run_sensitivity_benchmark(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "sensitivity.py"), "--soft-sizes", "32",
-         "--si-reps", "2", "--no-unroll", "--no-jaxopt", "--no-elastic"],
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sensitivity.py"), *args,
+         "--no-unroll", "--no-jaxopt", "--no-elastic"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fwd/relax" in proc.stdout, proc.stdout
     import ast
 
-    rows = [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["system"] for r in rows] == ["soft-sphere 2D", "SW Si + vacancy"], rows
-    for result in rows:
-        assert result["ref"] == "pinv" and result["fwd_err"] < 1e-8, result
+    return [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_sensitivity_benchmark_smoke():
+    """benchmarks/sensitivity.py on one small packing (no peers): the table prints and
+    mdsens's forward derivative matches the dense pseudo-inverse it is checked against."""
+    (result,) = _run_sensitivity_benchmark("--soft-sizes", "32", "--si-reps")
+    assert result["system"] == "soft-sphere 2D", result
+    assert result["ref"] == "pinv" and result["fwd_err"] < 1e-8, result
+
+
+@pytest.mark.slow  # ~85 s, mostly compilation
+def test_sensitivity_benchmark_smoke_stillinger_weber():
+    """The 63-atom SW row, on the neighbor-list path (SW switches to lists at 32 atoms)."""
+    (result,) = _run_sensitivity_benchmark("--soft-sizes", "--si-reps", "2")
+    assert result["system"] == "SW Si + vacancy", result
+    assert result["ref"] == "pinv" and result["fwd_err"] < 1e-8, result
