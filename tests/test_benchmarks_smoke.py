@@ -3,6 +3,7 @@
 The test venv has no jaxopt; the benchmark must then skip that column, not fail.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -35,8 +36,6 @@ def _run_sensitivity_benchmark(*args):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fwd/relax" in proc.stdout, proc.stdout
-    import ast
-
     return [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 

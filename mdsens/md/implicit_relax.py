@@ -359,10 +359,9 @@ class _CellKit:
 
     def _unchecked(self, U, e, params, cell0, nb):
         """``check_stability=False``: the strain scale only, and the translations."""
-        n, dim = U.shape
         lam, C = self.scales(U, e, params, cell0, nb)
-        bU = np.broadcast_to(np.eye(dim)[:, None, :], (dim, n, dim)) / np.sqrt(n)
-        return _strain_scale(C, float(lam)), (bU, np.zeros((dim, self.nv)))
+        bU = _zm.rigid_modes(U, True)  # the d translations
+        return _strain_scale(C, float(lam)), (bU, np.zeros((bU.shape[0], self.nv)))
 
     def _dense(self, U, e, params, cell0, nb):
         """Dense eigen-analysis of the joint Hessian in ``[U, q]``, ``q = c e``, projected
@@ -376,9 +375,8 @@ class _CellKit:
         c = _strain_scale(H[nd:, nd:], float(np.abs(lam_U).max(initial=0.0)))
         t = np.concatenate([np.ones(nd), np.full(nv, 1.0 / c)])
         H = t[:, None] * H * t[None, :]
-        Qt = np.zeros((nd + nv, dim))
-        for a in range(dim):
-            Qt[a:nd:dim, a] = 1.0 / np.sqrt(n)
+        # the d translations of U, zero on the strain
+        Qt = np.concatenate([_zm.rigid_modes(U, True).reshape(dim, nd).T, np.zeros((nv, dim))])
         P = np.eye(nd + nv) - Qt @ Qt.T
         w, V = np.linalg.eigh(P @ H @ P)
         # the d translations are exact zeros: drop the eigenpairs that overlap them most
@@ -398,7 +396,7 @@ class _CellKit:
         """
         n, dim = U.shape
         nv = self.nv
-        report = _zm.stability(lambda U_: self.E_hat(U_, e, params, cell0, nb), U, True)
+        report = _zm.stability(self.E_hat, U, True, args=(e, params, cell0, nb))
         basis_U, lam_U = np.asarray(report.basis), float(report.lambda_max)
         B, C = self.blocks(U, e, params, cell0, nb)
         c = _strain_scale(C, lam_U)

@@ -301,10 +301,10 @@ def _project(V, known, free):
     return V - known @ (known.T @ V)
 
 
-def _projected_hvp(energy, positions, args, known, free, V):
-    """``P H P V`` for ``V (dof, m)``: the Hessian on the complement of the known modes."""
+def _projected_hvp(energy, positions, args, known, free, PV):
+    """``P H PV`` for an already projected ``PV (dof, m)``: the Hessian on the complement
+    of the known modes."""
     n, d = positions.shape
-    PV = _project(V, known, free)
     HV = _batched_hvp(energy, positions, args, PV.T.reshape(-1, n, d)).reshape(-1, n * d).T
     return _project(HV, known, free)
 
@@ -313,12 +313,12 @@ def _projected_hvp(energy, positions, args, known, free, V):
 def _projected_lambda_max(energy, positions, args, known, free):
     """Power-iteration estimate of ``λ_max`` of ``P H P`` (jitted, cached on ``energy``)."""
     dof = positions.size
-    v = jax.random.normal(jax.random.PRNGKey(1), (dof, 1), jnp.float64)
+    v = _project(jax.random.normal(jax.random.PRNGKey(1), (dof, 1), jnp.float64), known, free)
     v = v / jnp.linalg.norm(v)
 
     def body(_, carry):
         v, _ = carry
-        w = _projected_hvp(energy, positions, args, known, free, v)
+        w = _projected_hvp(energy, positions, args, known, free, v)  # v stays projected
         nw = jnp.linalg.norm(w)
         return w / jnp.maximum(nw, 1e-300), nw
 
