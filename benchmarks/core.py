@@ -23,7 +23,7 @@ Methods timed for each inner solver:
 * **mdsens**: ``mdsens.custom_root(F, solve=cg(tol=1e-10), symmetric=True)``;
   ``jax.jacfwd`` (dx*/dλ, one solve), ``jax.jacrev`` (dx*/dλ, p solves) and
   ``jax.grad`` of the scalar loss ``L = ½‖x*(λ) − x_true‖²`` (one solve). Also the same
-  with ``on_solve_failure="ignore"``, which drops the convergence check (a
+  with ``on_failure="ignore"``, which drops the convergence check (a
   ``jax.debug.callback``) to show what it costs.
 * **unrolled**: the same inner iterations written with ``lax.fori_loop`` for exactly the
   number of iterations the inner solver needed (so it reaches the same residual),
@@ -84,7 +84,7 @@ DIFF_TOL = 1e-10    # implicit-differentiation linear solve (mdsens and jaxopt s
 GD_MAXITER = 100_000
 
 MDSENS = "mdsens custom_root(solve=cg)"
-MDSENS_UNCHECKED = "  same, on_solve_failure='ignore'"
+MDSENS_UNCHECKED = "  same, on_failure='ignore'"
 UNROLLED = "unrolled inner solver (autodiff)"
 JAXOPT_DEFAULT = "jaxopt custom_root (default solve)"
 JAXOPT_CG = "jaxopt custom_root(solve=solve_cg)"
@@ -216,7 +216,7 @@ DECORATORS = {
     # The same without the convergence check (one jax.debug.callback per linear solve):
     # shows what the check costs.
     MDSENS_UNCHECKED: ms.custom_root(F, solve=functools.partial(ms.linear_solve.cg, tol=DIFF_TOL),
-                                     symmetric=True, on_solve_failure="ignore"),
+                                     symmetric=True, on_failure="ignore"),
 }
 if jaxopt is not None:
     DECORATORS[JAXOPT_DEFAULT] = jaxopt.implicit_diff.custom_root(F)

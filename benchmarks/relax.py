@@ -53,7 +53,7 @@ from _common import describe_machine, dump_json, format_machine, format_table, t
 
 import mdsens  # noqa: E402,F401  (float64)
 from mdsens.md.potentials import LennardJones  # noqa: E402
-from mdsens.md.relax import make_relax  # noqa: E402
+from mdsens import make_relax  # noqa: E402
 from mdsens.md.system import System  # noqa: E402
 
 SIGMA, EPS, RC, RO, A = 3.4, 0.0104, 7.5, 6.0, 5.26

@@ -9,7 +9,6 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ only the shear strains couple to internal displacements. ``ms.elastic_constants`
 with H⁺Λ from implicit differentiation of the relaxed positions w.r.t. strain (forward
 mode, 6 batched CG solves), never by finite strains.
 
-Data: ``data/si_diamond_2x2x2.vasp`` (64 atoms, a = 5.431 Å, rattled by 0.03 Å),
+Data: ``mdsens/data/si_diamond_2x2x2.vasp`` (64 atoms, a = 5.431 Å, rattled by 0.03 Å),
 relaxed at fixed cell with the original SW parameters (Stillinger & Weber, PRB 31,
 5262 (1985)). Reference values for SW Si (e.g. Balamane, Halicioglu & Tiller, PRB 46,
 2250 (1992)): C11 = 151.4, C12 = 76.4, C44 = 56.4 GPa (relaxed-ion).
@@ -41,7 +41,7 @@ def main(argv=None):
     out = _common.out_dir(args.out)
     timer = _common.Timer()
 
-    system = ms.read(_common.DATA / "si_diamond_2x2x2.vasp")
+    system = ms.read(ms.data.path("si_diamond_2x2x2.vasp"))
     pot = ms.potentials.StillingerWeber()
     res = ms.relax(system, pot, fmax=1e-10, max_steps=100_000)
     assert res.converged

@@ -9,7 +9,7 @@ Lennard-Jones σ whose relaxed structure R*(σ) matches it, by gradient descent 
 differentiation: one transposed linear solve with the Hessian per gradient, whatever
 the number of parameters and of FIRE steps (none is unrolled).
 
-Data: the bundled 13-atom argon icosahedron (``data/lj13_ar.xyz``, rattled). The target
+Data: the bundled 13-atom argon icosahedron (``mdsens/data/lj13_ar.xyz``, rattled). The target
 is its relaxation with σ = 3.4 Å, ε = 0.0104 eV (cutoff tied to σ); the fit starts
 from σ = 3.0 Å. Because LJ is scale-invariant (R* ∝ σ), L is exactly quadratic in σ,
 so Barzilai–Borwein step sizes converge in a few iterations. The first gradient is
@@ -43,7 +43,7 @@ def main(argv=None):
     out = _common.out_dir(args.out)
     timer = _common.Timer()
 
-    system = ms.read(_common.DATA / "lj13_ar.xyz")
+    system = ms.read(ms.data.path("lj13_ar.xyz"))
     true = ms.potentials.LennardJones(sigma=3.4, epsilon=0.0104)
     fmax = 1e-9
     # Plain (compiled-once) relaxations for the target and the finite-difference check;

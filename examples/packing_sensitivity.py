@@ -44,7 +44,7 @@ def main(argv=None):
     out = _common.out_dir(args.out)
     timer = _common.Timer()
 
-    system = ms.read(_common.DATA / "soft_spheres_2d.xyz")
+    system = ms.read(ms.data.path("soft_spheres_2d.xyz"))
     diameters = {"A": 1.0, "B": 1.4}
     pot = ms.potentials.SoftSphere(sigma=diameters)  # harmonic contacts, ε = 1
     print(f"{system}, species {system.symbols}, diameters {diameters}")

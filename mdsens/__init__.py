@@ -1,18 +1,29 @@
 """mdsens: sensitivity analysis of relaxed atomistic structures by implicit differentiation.
 
 ``import mdsens`` turns on JAX float64 (opt out with ``MDSENS_ENABLE_X64=0``; see
-:mod:`mdsens._config`).
+:mod:`mdsens._config`). The public API is flat: everything below is ``ms.<name>``.
 """
 
-from mdsens._config import enable_x64_if_requested as _enable_x64_if_requested
+from mdsens._config import enable_x64_if_requested
 
-_enable_x64_if_requested()
+enable_x64_if_requested()
 
-from mdsens import linear_solve  # noqa: E402
-from mdsens.implicit import (  # noqa: E402
+from mdsens import data, linear_solve  # noqa: E402
+from mdsens.errors import (  # noqa: E402
     LinearSolveError,
     LinearSolveWarning,
+    MdsensError,
+    MdsensWarning,
+    MissingFileError,
+    NullSpaceError,
+    NullSpaceWarning,
     OptimalityStructureError,
+    OptionError,
+    PrecisionError,
+    RootError,
+    RootWarning,
+)
+from mdsens.implicit import (  # noqa: E402
     SolveInfo,
     custom_fixed_point,
     custom_root,
@@ -20,15 +31,27 @@ from mdsens.implicit import (  # noqa: E402
     root_vjp,
 )
 from mdsens.md import (  # noqa: E402
+    FIRE,
+    CutoffError,
     ElasticConstants,
+    GradientDescent,
     NearSingularWarning,
+    NeighborListError,
+    NeighborListOptions,
+    NotConvergedError,
     NotConvergedWarning,
+    ParameterError,
+    PotentialError,
     RelaxError,
     RelaxResult,
+    ResultMismatchError,
     SaddlePointError,
     Sensitivity,
+    SpeciesError,
+    StabilityOptions,
     StructureError,
     StructureFileError,
+    UnknownParameterError,
     System,
     elastic_constants,
     make_elastic_constants,

@@ -15,6 +15,8 @@ import os
 
 import jax
 
+from mdsens.errors import PrecisionError
+
 _ENV_VAR = "MDSENS_ENABLE_X64"
 
 
@@ -35,9 +37,10 @@ def x64_enabled() -> bool:
 
 
 def require_x64(what: str) -> None:
-    """Raise a clear error if float64 is off; physics results are not trustworthy without it."""
+    """Raise :class:`~mdsens.PrecisionError` if float64 is off: physics results are not
+    trustworthy without it."""
     if not x64_enabled():
-        raise RuntimeError(
+        raise PrecisionError(
             f"{what} needs float64, but jax_enable_x64 is off. Unset {_ENV_VAR}=0 (or call "
             "jax.config.update('jax_enable_x64', True)) before importing mdsens."
         )

@@ -1,14 +1,16 @@
 """The ``mdsens`` command.
 
-    mdsens relax FILE --potential lj --param sigma=3.4 --param epsilon=0.0104 \\
-                 [--fmax 1e-6] [--max-steps N] [--method fire] [--relax-cell] [-o OUT]
     mdsens info FILE
+    mdsens relax FILE --potential lj --param sigma=3.4 --param epsilon=0.0104 \\
+                 [--fmax 1e-6] [--max-steps N] [--method fire] [--relax-cell] [-o OUT [--force]]
+    mdsens sensitivity FILE --potential lj --param ... [--wrt sigma,epsilon] [--csv F] [--json F]
     mdsens demo [-o DIR]
 
-User errors (unknown potential, bad ``--param``, unreadable file, a structure the
-potential cannot handle) print one line ``mdsens: error: ...`` on stderr and exit with
-status 2; a relaxation that does not converge prints its (honest) numbers and exits
-with status 1. ``main(argv)`` returns the exit status, so tests call it directly.
+Every error mdsens raises on purpose prints one line ``mdsens: error: ...`` on stderr
+and exits with a documented status (:data:`EXIT_CODES`): 1 a relaxation did not
+converge (its honest numbers are printed), 2 a usage or input error (arguments, files,
+structures, potentials, options), 3 the structure is a saddle point, 4 a numerical
+failure (a linear solve, NaN). ``main(argv)`` returns the status, so tests call it.
 
 ``mdsens demo`` is a list of *sections* (:data:`DEMO_SECTIONS`), each a function
 ``section(ctx)`` run in order with a shared :class:`DemoContext`; the first relaxes the
@@ -28,12 +30,33 @@ import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, TextIO
 
-#: The repository's bundled structures (``data/``; see ``data/README.md``).
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+#: Exit statuses of the command.
+EXIT_CODES = {
+    "ok": 0,
+    "not converged": 1,
+    "usage or input error": 2,
+    "saddle point": 3,
+    "numerical failure": 4,
+    "interrupted": 130,
+}
 
 
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
+
+
+def _exit_code(error) -> int:
+    """The status of an mdsens error (see :data:`EXIT_CODES`)."""
+    from mdsens import errors
+    from mdsens.md import errors as md_errors
+
+    if isinstance(error, md_errors.SaddlePointError):
+        return EXIT_CODES["saddle point"]
+    numerical = (errors.LinearSolveError, errors.RootError, errors.NullSpaceError, errors.PrecisionError,
+                 md_errors.RelaxError)
+    if isinstance(error, numerical):
+        return EXIT_CODES["numerical failure"]
+    return EXIT_CODES["usage or input error"]
 
 
 # ----------------------------------------------------------------------- potentials
@@ -64,7 +87,7 @@ def _potential_specs() -> dict:
         PotentialSpec("soft-sphere", P.SoftSphere, "", "", "soft spheres, reduced units: sigma, epsilon, alpha"),
         PotentialSpec("morse", P.Morse, "eV", "Å", "Morse, ASE conventions: epsilon, r0, rho0, rcut1, rcut2"),
         PotentialSpec("sw", P.StillingerWeber, "eV", "Å", "Stillinger-Weber, silicon defaults"),
-        PotentialSpec("tersoff", _tersoff, "eV", "Å", "Tersoff Si(C) from data/potentials (or --param file=PATH)"),
+        PotentialSpec("tersoff", _tersoff, "eV", "Å", "Tersoff Si(C), shipped (or --param file=PATH)"),
     ]
     return {s.name: s for s in specs}
 
@@ -126,22 +149,19 @@ def build_potential(name: str, params: List[str]):
             f"potential {key!r} does not take {sorted(set(kwargs) - set(allowed) - {'symbols'}) or err}; "
             f"its parameters are: {', '.join(allowed)}"
         ) from None
-    except (PotentialError, ValueError, OSError) as err:
+    except (PotentialError, OSError) as err:
         raise CLIError(f"potential {key!r}: {err}") from None
 
 
 # ------------------------------------------------------------------------ structures
 def load(path: str):
-    """Read a structure, turning I/O and structure problems into :class:`CLIError`."""
+    """Read a structure, turning a missing file into :class:`CLIError`."""
     from mdsens.md.io import read
-    from mdsens.md.system import StructureError
 
     try:
         return read(path)
     except FileNotFoundError as err:
         raise CLIError(str(err).rstrip(".") + ".") from None
-    except StructureError as err:
-        raise CLIError(str(err)) from None
 
 
 def _species_summary(system) -> str:
@@ -183,9 +203,9 @@ def cmd_info(args, out: TextIO) -> int:
         lines.append(("number density", f"{system.n_atoms / volume:.6g} per {unit}"))
         mass = _mass_amu(system)
         if mass is not None and system.dim == 3:
-            from ase.units import _amu
+            from ase.units import kg
 
-            grams_per_cm3 = mass * _amu * 1e3 / (volume * 1e-24)
+            grams_per_cm3 = mass / kg * 1e3 / (volume * 1e-24)
             lines.append(("mass density", f"{grams_per_cm3:.6g} g/cm^3"))
     else:
         R = np.asarray(system.positions)
@@ -209,7 +229,7 @@ def _mass_amu(system) -> Optional[float]:
 
 def _relax_quietly(system, pot, **kwargs):
     """``relax`` with warnings turned into returned strings (printed as one line each)."""
-    from mdsens.md.relax import relax
+    from mdsens.md.relaxation import relax
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -221,26 +241,24 @@ def _relax_quietly(system, pot, **kwargs):
     return result, elapsed, notes
 
 
-def _run_relax(system, pot, **kwargs):
-    """Relax, turning user-facing errors into :class:`CLIError`."""
-    from mdsens.md.potentials import PotentialError
-    from mdsens.md.relax import RelaxError
-    from mdsens.md.system import StructureError
-
+def _same_file(a: str, b: str) -> bool:
     try:
-        return _relax_quietly(system, pot, **kwargs)
-    except (PotentialError, RelaxError, StructureError) as err:
-        raise CLIError(str(err)) from None
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def cmd_relax(args, out: TextIO, err: TextIO) -> int:
     import numpy as np
 
+    if args.output and not args.force and _same_file(args.output, args.file):
+        raise CLIError(f"-o {args.output} is the input file; the relaxation would overwrite it. Choose "
+                       "another output file, or pass --force to replace the input.")
     system = load(args.file)
     spec, pot = build_potential(args.potential, args.param)
     e_unit, f_unit, s_unit = _units(spec)
-    result, elapsed, notes = _run_relax(
-        system, pot, fmax=args.fmax, max_steps=args.max_steps, method=args.method,
+    result, elapsed, notes = _relax_quietly(
+        system, pot, fmax=args.fmax, max_steps=args.max_steps, minimizer=args.method,
         relax_cell=args.relax_cell, progress=False if args.no_progress else None,
     )
     energy = float(result.energy)
@@ -259,12 +277,9 @@ def cmd_relax(args, out: TextIO, err: TextIO) -> int:
         cell = np.asarray(result.system.cell)
         rows.insert(6, ("cell lengths", " ".join(f"{x:.6f}" for x in np.linalg.norm(cell, axis=1))))
     if args.output:
-        from mdsens.md.io import StructureFileError, write
+        from mdsens.md.io import write
 
-        try:
-            write(args.output, result.system, info={"energy": energy})
-        except (StructureFileError, OSError) as exc:
-            raise CLIError(str(exc)) from None
+        write(args.output, result.system, info={"energy": energy})
         rows.append(("written", args.output))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -280,13 +295,13 @@ class DemoCase:
     """One bundled structure relaxed by ``mdsens demo``."""
 
     label: str
-    file: str  # relative to DATA_DIR
+    file: str  # a bundled file, mdsens.data.path(file)
     potential: str  # a name for the table
     make_potential: Callable
     options: dict
 
 
-def _demo_cases() -> List[DemoCase]:
+def demo_cases() -> List[DemoCase]:
     from mdsens.md import potentials as P
 
     return [
@@ -307,12 +322,14 @@ def _demo_cases() -> List[DemoCase]:
 class DemoContext:
     """What demo sections share: options, output stream, and the relaxations done.
 
-    ``results``: list of ``(DemoCase, System start, potential, RelaxResult, seconds)``.
+    ``cases``: the structures to relax (default :func:`demo_cases`); ``results``: list of
+    ``(DemoCase, System start, potential, RelaxResult, seconds)``.
     """
 
     args: argparse.Namespace
     out: TextIO
     err: TextIO
+    cases: list = dataclasses.field(default_factory=list)
     results: list = dataclasses.field(default_factory=list)
     failed: bool = False
 
@@ -321,19 +338,17 @@ def demo_relaxations(ctx: DemoContext) -> None:
     """Section 1: relax every bundled structure and print one table row each."""
     from mdsens.md.io import write
 
-    print("Relaxation of the bundled structures (data/, see data/README.md)", file=ctx.out)
+    print("Relaxation of the bundled structures (mdsens/data, see its README.md)", file=ctx.out)
     print("criterion: max atomic force norm < fmax (ASE's), confirmed with fresh neighbor lists; "
           "+cell: zero-stress cell too", file=ctx.out)
     headers = ["structure", "potential", "N", "E/atom", "fmax", "target", "steps", "converged", "time [s]"]
     rows = []
-    for case in _demo_cases():
-        path = DATA_DIR / case.file
-        if not path.exists():
-            raise CLIError(f"bundled structure {path} not found; run from a clone of the repository "
-                           "(pip install -e .) or regenerate it with `python data/make_data.py`")
-        system = load(str(path))
+    from mdsens import data
+
+    for case in ctx.cases:
+        system = load(str(data.path(case.file)))
         pot = case.make_potential()
-        result, elapsed, notes = _run_relax(system, pot, progress=False, **case.options)
+        result, elapsed, notes = _relax_quietly(system, pot, progress=False, **case.options)
         for note in notes:
             print(f"mdsens: warning: {case.label}: {note}", file=ctx.err)
         ctx.results.append((case, system, pot, result, elapsed))
@@ -345,7 +360,7 @@ def demo_relaxations(ctx: DemoContext) -> None:
             f"{elapsed:.2f}",
         ])
         if ctx.args.output_dir:
-            os.makedirs(ctx.args.output_dir, exist_ok=True)
+            _make_dir(ctx.args.output_dir)
             stem = Path(case.file).stem
             tag = case.potential.split()[0].lower().replace("-", "_")
             write(os.path.join(ctx.args.output_dir, f"{stem}_{tag}_relaxed.xyz"), result.system,
@@ -406,8 +421,10 @@ def demo_figure(ctx: DemoContext) -> None:
                                  displacement_unit="",
                                  title=r"2D packing: response to the small diameter $\sigma_A$")
         path = Path(ctx.args.output_dir or "out") / "packing_sensitivity.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        _make_dir(path.parent)
+        from mdsens.md.io import write_atomically
+
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         print(f"\nArrow figure (dR*/dσ_A, as in Blondel et al. 2022): {path}", file=ctx.out)
 
 
@@ -415,19 +432,23 @@ def demo_figure(ctx: DemoContext) -> None:
 DEMO_SECTIONS: List[Callable[[DemoContext], None]] = [demo_relaxations, demo_sensitivities, demo_figure]
 
 
+def _make_dir(path) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create the output directory '{path}': {exc.strerror or exc}.") from None
+
+
 def cmd_sensitivity(args, out: TextIO, err: TextIO) -> int:
     """Relax FILE, then print dR*/dθ and dE*/dθ for the parameters in --wrt."""
-    from mdsens.md.sensitivity import NotConvergedError, sensitivity
+    from mdsens.md.sensitivity import sensitivity
 
     system = load(args.file)
     _, pot = build_potential(args.potential, args.param)
-    result, _, notes = _run_relax(system, pot, fmax=args.fmax, max_steps=args.max_steps, progress=False)
+    result, _, notes = _relax_quietly(system, pot, fmax=args.fmax, max_steps=args.max_steps, progress=False)
     for note in notes:
         print(f"mdsens: warning: {note}", file=err)
-    try:
-        sens = sensitivity(result, pot, wrt=args.wrt, strict=args.strict)
-    except (NotConvergedError, ValueError, KeyError) as exc:
-        raise CLIError(str(exc)) from None
+    sens = sensitivity(result, pot, wrt=args.wrt, strict=args.strict)
     print(sens.table(), file=out)
     if args.csv:
         sens.to_csv(args.csv)
@@ -438,9 +459,12 @@ def cmd_sensitivity(args, out: TextIO, err: TextIO) -> int:
     return 0 if result.converged else 1
 
 
-def cmd_demo(args, out: TextIO, err: TextIO) -> int:
-    ctx = DemoContext(args=args, out=out, err=err)
-    for i, section in enumerate(DEMO_SECTIONS):
+def cmd_demo(args, out: TextIO, err: TextIO, *, cases: Optional[List[DemoCase]] = None,
+             sections: Optional[List[Callable[[DemoContext], None]]] = None) -> int:
+    """Run the demo's ``sections`` (default :data:`DEMO_SECTIONS`) on ``cases`` (default
+    :func:`demo_cases`); returns the exit status."""
+    ctx = DemoContext(args=args, out=out, err=err, cases=demo_cases() if cases is None else list(cases))
+    for i, section in enumerate(DEMO_SECTIONS if sections is None else sections):
         if i:
             print(file=out)
         section(ctx)
@@ -482,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relax-cell", action="store_true", help="also relax the cell to zero stress")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.add_argument("-o", "--output", help="write the relaxed structure (format from the name)")
+    p.add_argument("--force", action="store_true", help="allow -o to replace the input file")
 
     p = sub.add_parser("info", help="print a summary of a structure file")
     p.add_argument("file")
@@ -500,13 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--json", help="also write the table (and dR*/dθ) as JSON")
 
-    p = sub.add_parser("demo", help="relax the bundled structures (the main job) and print a table")
+    p = sub.add_parser("demo", help="the demo: relax the bundled structures, differentiate them, draw a figure")
     p.add_argument("-o", "--output-dir", help="also write the relaxed structures here")
     return parser
 
 
 def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 not converged, 2 user error)."""
+    """Run the command line; returns the exit status (:data:`EXIT_CODES`)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     parser = build_parser()
@@ -526,7 +551,15 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None, err: Op
         return cmd_demo(args, out, err)
     except CLIError as exc:
         print(f"mdsens: error: {exc}", file=err)
-        return 2
+        return EXIT_CODES["usage or input error"]
+    except Exception as exc:
+        from mdsens.errors import MdsensError
+
+        if not isinstance(exc, MdsensError):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"mdsens: error: {type(exc).__name__}: {message}", file=err)
+        return _exit_code(exc)
     except KeyboardInterrupt:
         print("mdsens: interrupted", file=err)
         return 130

@@ -17,6 +17,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from mdsens.md.strain import voigt_labels
+
 __all__ = ["sensitivity_arrows", "error_curve", "scaling_plot", "elastic_matrix"]
 
 #: Species colours (colour-blind friendly, Okabe–Ito), cycled for more species.
@@ -358,14 +360,6 @@ def scaling_plot(
 
 
 # ------------------------------------------------------------------------ elastic matrix
-def _voigt_labels(n):
-    if n == 6:
-        return ("xx", "yy", "zz", "yz", "xz", "xy")
-    if n == 3:
-        return ("xx", "yy", "xy")
-    return tuple(str(i + 1) for i in range(n))
-
-
 def elastic_matrix(
     C,
     *,
@@ -400,7 +394,7 @@ def elastic_matrix(
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"C must be a square Voigt matrix; got shape {C.shape}.")
     n = C.shape[0]
-    labels = tuple(labels or _voigt_labels(n))
+    labels = tuple(labels or voigt_labels(n))
     big = float(np.max(np.abs(C))) if C.size else 1.0
     vmax = float(vmax) if vmax is not None else (big or 1.0)
     fig, ax = _new_axes(ax, (5.2, 4.4))

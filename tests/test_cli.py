@@ -9,8 +9,8 @@ import ase.io
 import pytest
 
 from mdsens import cli
+from conftest import DATA
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 LJ13 = os.path.join(DATA, "lj13_ar.xyz")
 
 
@@ -96,13 +96,15 @@ def test_unreadable_file(tmp_path):
     assert code == 2 and "bad.xyz" in err and err.count("\n") == 1
 
 
-def test_demo_runs_sections_in_order(monkeypatch):
+def test_demo_runs_sections_in_order():
     """The demo prints its table and passes its relaxations to later sections."""
-    cases = [c for c in cli._demo_cases() if c.file == "lj13_ar.xyz"]
-    monkeypatch.setattr(cli, "_demo_cases", lambda: cases)
+    cases = [c for c in cli.demo_cases() if c.file == "lj13_ar.xyz"]
     seen = []
-    monkeypatch.setattr(cli, "DEMO_SECTIONS", cli.DEMO_SECTIONS + [lambda ctx: seen.append(ctx.results)])
-    code, out, err = run("demo")
+    out, err = io.StringIO(), io.StringIO()
+    args = cli.build_parser().parse_args(["demo"])
+    code = cli.cmd_demo(args, out, err, cases=cases,
+                        sections=cli.DEMO_SECTIONS + [lambda ctx: seen.append(ctx.results)])
+    out, err = out.getvalue(), err.getvalue()
     assert code == 0, err
     row = [line for line in out.splitlines() if line.startswith("LJ13 Ar cluster")][0]
     assert row.split()[-2] == "yes"
@@ -113,7 +115,7 @@ def test_demo_runs_sections_in_order(monkeypatch):
 def test_full_demo():
     code, out, err = run("demo")
     assert code == 0, err
-    assert out.count(" yes ") == len(cli._demo_cases())
+    assert out.count(" yes ") == len(cli.demo_cases())
 
 
 def test_console_entry_point_as_module():

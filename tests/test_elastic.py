@@ -12,7 +12,7 @@ from ase.units import GPa
 import mdsens as ms
 from mdsens.md.elastic import elastic_constants
 from mdsens.md.potentials import LennardJones, StillingerWeber
-from mdsens.md.relax import relax
+from mdsens import relax
 
 VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
 

@@ -298,7 +298,7 @@ def test_nonconverged_solve_raises_under_jit_and_warns_on_request():
     with pytest.raises(Exception, match="LinearSolveError: .*stopped after 2 iterations"):
         jax.block_until_ready(jax.jit(jax.jacfwd(root, argnums=1))(init, REST))
     root_warn = ms.custom_root(ring_force, solve=starved, nullspace=translations, symmetric=True,
-                               on_solve_failure="warn")(newton_ring)
+                               on_failure="warn")(newton_ring)
     with pytest.warns(ms.LinearSolveWarning, match="stopped after 2 iterations"):
         jax.block_until_ready(jax.jacfwd(root_warn, argnums=1)(init, REST))
     # the flag itself is inspectable through root_jvp
@@ -306,7 +306,7 @@ def test_nonconverged_solve_raises_under_jit_and_warns_on_request():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, info = ms.root_jvp(ring_force, x, (REST,), (jnp.ones(N_RING),), solve=starved,
-                              nullspace=translations, symmetric=True, on_solve_failure="ignore",
+                              nullspace=translations, symmetric=True, on_failure="ignore",
                               return_info=True)
     assert not bool(info.converged) and int(info.iterations) == 2
 

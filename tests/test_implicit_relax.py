@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 
 import mdsens as ms
-from mdsens.md.implicit_relax import relax
+from mdsens import relax
 from mdsens.md.io import read
 from mdsens.md.potentials.lennard_jones import LennardJones
 from mdsens.md.potentials.soft_sphere import SoftSphere
+from conftest import data_file
 
 FMAX = 1e-9
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    system = read("data/lj13_ar.xyz")
+    system = read(data_file("lj13_ar.xyz"))
     pot = LennardJones(sigma=3.4, epsilon=0.0104, r_cutoff=40.0, r_onset=35.0)
     return system, pot, relax(system, pot, fmax=FMAX, progress=False)
 
@@ -56,7 +57,7 @@ def test_forward_equals_reverse(cluster):
 
 @pytest.fixture(scope="module")
 def packing():
-    system = read("data/soft_spheres_2d.xyz")
+    system = read(data_file("soft_spheres_2d.xyz"))
     pot = SoftSphere(sigma={"A": 1.0, "B": 1.4})
     return system, pot, relax(system, pot, fmax=1e-10, neighbor_list=False)
 
@@ -117,7 +118,7 @@ def test_fire_and_gradient_descent_give_the_same_derivative(packing):
 
     def energy_derivative(method):
         def e(p):
-            return relax(result.system, pot, params=p, fmax=1e-10, method=method,
+            return relax(result.system, pot, params=p, fmax=1e-10, minimizer=method,
                          neighbor_list=False, max_steps=200_000).energy
         return jax.grad(e)(pot.params)
 

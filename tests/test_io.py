@@ -9,10 +9,10 @@ import pytest
 from ase.build import bulk
 
 import mdsens  # noqa: F401  (float64)
-from mdsens.md.io import StructureFileError, read, write
-from mdsens.md.system import StructureError, System
+from mdsens import StructureFileError, read, write
+from mdsens import StructureError, System
+from conftest import DATA
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def _triclinic_binary():

@@ -86,11 +86,11 @@ def test_parameter_that_grows_the_range_reallocates():
     dense = dense_ef(pot, system, grown)
     stale = nl_ef(pot, system, grown, nbrs)
     assert abs(stale[0] - dense[0]) > 1e-6 * abs(dense[0])  # the pitfall is real
-    nl2, nbrs2 = pot.refresh_neighbor_list(system, nbrs, nl, params=grown)
+    nl2, nbrs2 = neighbors.refresh(nl, nbrs, system, pot.cutoff(grown))
     assert nl2.cutoff == pytest.approx(pot.cutoff(grown)) and nbrs2.cutoff >= pot.cutoff(grown)
     assert_same(nl_ef(pot, system, grown, nbrs2), dense)
     # a list that already covers the range is kept (updated, not reallocated)
-    nl3, _ = pot.refresh_neighbor_list(system, nbrs2, nl2, params=pot.params)
+    nl3, _ = neighbors.refresh(nl2, nbrs2, system, pot.cutoff(pot.params))
     assert nl3 is nl2
 
 
@@ -138,17 +138,16 @@ def test_metric_box_preserves_distances():
 def test_derivatives_reuse_the_relaxation_list_only_while_it_covers_the_range():
     """RelaxResult.neighbor (built at R*) serves the derivatives unless a parameter grew
     the interaction range past the list, or the structure is not the relaxed one."""
-    from mdsens.md.relax import make_relax
-    from mdsens.md.sensitivity import _relaxation_neighbors
+    from mdsens.md.problem import relaxation_neighbors
 
     rng = np.random.default_rng(3)
     n, L = 500, 60.0  # dilute: no contacts, already relaxed at step 0
     system = ms.System(rng.uniform(0, L, (n, 2)), cell=np.eye(2) * L, pbc=True)
     pot = ms.potentials.SoftSphere(sigma=1.0)
-    res = make_relax(pot, system)(system, fmax=1e-8)
+    res = ms.make_relax(pot, system)(system, fmax=1e-8)
     assert res.converged and isinstance(res.neighbor, neighbors.Neighbors)
-    assert _relaxation_neighbors(res, res.system, pot.cutoff()) is res.neighbor
+    assert relaxation_neighbors(res, res.system, pot.cutoff()) is res.neighbor
     grown = res.neighbor.cutoff * 1.01
-    assert _relaxation_neighbors(res, res.system, grown) is None
+    assert relaxation_neighbors(res, res.system, grown) is None
     moved = res.system.replace(positions=res.system.positions + 0.1)
-    assert _relaxation_neighbors(res, moved, pot.cutoff()) is None
+    assert relaxation_neighbors(res, moved, pot.cutoff()) is None

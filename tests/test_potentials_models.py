@@ -18,7 +18,7 @@ from ase.build import bulk
 
 import mdsens as ms
 from mdsens.md.potentials import Morse, SoftSphere, SpeciesError, StillingerWeber, Tersoff
-from mdsens.md.potentials.tersoff import DATA_DIR
+from conftest import data_file
 
 
 def fd5(f, h):
@@ -205,7 +205,7 @@ def test_tersoff_matches_ase_tersoff():
     atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.02, 0.0], [0.0, 0.99, 0.03], [0.0, 0.0, 1.01]]), scale_atoms=True)
     atoms.rattle(0.12, seed=8)  # rattled so that r_ij != r_ik and the λ3 term is active
     ref = atoms.copy()
-    ref.calc = AseTersoff.from_lammps(DATA_DIR / "Si.tersoff")
+    ref.calc = AseTersoff.from_lammps(data_file("potentials/Si.tersoff"))
     system = ms.System.from_ase(atoms)
     pot = Tersoff.silicon()
     e_ase = ref.get_potential_energy()
@@ -243,4 +243,4 @@ def test_tersoff_file_errors(tmp_path):
     with pytest.raises(ParameterError, match="17 entries"):
         Tersoff.from_lammps(bad)
     with pytest.raises(ParameterError, match="triple"):
-        Tersoff.from_lammps(DATA_DIR / "Si.tersoff", symbols=("Si", "C"))
+        Tersoff.from_lammps(data_file("potentials/Si.tersoff"), symbols=("Si", "C"))

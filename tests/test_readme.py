@@ -15,7 +15,7 @@ def python_blocks():
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     blocks = python_blocks()
     assert blocks, "README.md lost its examples"
-    monkeypatch.chdir(README.parent)
+    monkeypatch.chdir(tmp_path)  # the examples must not depend on the working directory
     namespace = {"__name__": "__readme__"}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)

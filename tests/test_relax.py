@@ -15,21 +15,12 @@ from ase.calculators.lj import LennardJones as AseLJ
 from ase.optimize import BFGS
 from scipy.optimize import minimize_scalar
 
-import mdsens  # noqa: F401  (float64)
-from mdsens.md.io import read
+import mdsens as ms
+from mdsens import NotConvergedWarning, OptionError, RelaxError, System, make_relax, read, relax
+from mdsens.md.minimize import fire_minimize, gradient_descent_map, gradient_descent_minimize
 from mdsens.md.potentials import LennardJones
-from mdsens.md.relax import (
-    NotConvergedWarning,
-    RelaxError,
-    fire_minimize,
-    gradient_descent_map,
-    gradient_descent_minimize,
-    make_relax,
-    relax,
-)
-from mdsens.md.system import System
+from conftest import DATA
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 # Global minimum of the 13-atom LJ cluster, in units of epsilon (icosahedron):
 # Wales & Doye, J. Phys. Chem. A 101, 5111 (1997); Cambridge Cluster Database.
@@ -76,7 +67,7 @@ def lj13_relax():
 # ------------------------------------------------------------------- published minimum
 @pytest.mark.parametrize("method", ["fire", "gradient_descent"])
 def test_lj13_reaches_the_icosahedral_global_minimum(method):
-    res = relax(_lj13_start(), _exact_lj(), fmax=1e-8, method=method)
+    res = relax(_lj13_start(), _exact_lj(), fmax=1e-8, minimizer=method)
     assert res.converged and res.fmax < 1e-8 and res.steps > 0
     assert abs(float(res.energy) - LJ13_MINIMUM) < 1e-6
     # The structure is the icosahedron: 12 equal centre-vertex distances.
@@ -197,8 +188,8 @@ def test_nan_forces_are_an_error():
 
 
 def test_bad_options_are_errors():
-    with pytest.raises(RelaxError, match="unknown method"):
-        relax(_lj13_start(), _exact_lj(), method="bfgs")
+    with pytest.raises(OptionError, match="unknown minimizer"):
+        relax(_lj13_start(), _exact_lj(), minimizer="bfgs")
     with pytest.raises(RelaxError, match="periodic"):
         relax(_lj13_start(), _exact_lj(), relax_cell=True)
     with pytest.raises(RelaxError, match="fmax"):
@@ -221,9 +212,9 @@ def test_neighbor_list_overflow_is_reallocated_not_truncated():
     atoms.positions += np.random.default_rng(1).normal(scale=0.1, size=atoms.positions.shape)
     s = System.from_ase(atoms)
     pot = LennardJones(sigma=SIGMA, epsilon=EPS, r_cutoff=8.5, r_onset=6.8)
-    fn = make_relax(pot, s, neighbor_list=True, neighbor_options=dict(capacity_multiplier=1.0))
+    fn = make_relax(pot, s, neighbor_list=ms.NeighborListOptions(enabled=True, capacity_multiplier=1.0))
     res = fn(s, fmax=1e-6)
-    assert fn.reallocations >= 1 and res.converged
+    assert fn.host.reallocations >= 1 and res.converged
     # Independent check of the final state: ASE's calculator (all pairs) agrees.
     check = res.system.to_ase()
     check.calc = AseLJ(sigma=SIGMA, epsilon=EPS, rc=8.5, ro=6.8, smooth=True)
@@ -295,12 +286,12 @@ def test_compiled_relax_is_reused_with_cell_lists():
     pot = LennardJones(sigma=SIGMA, epsilon=EPS, r_cutoff=rc, r_onset=ro)
     fn = make_relax(pot, s, neighbor_list=True)
     first = fn(s, fmax=fmax)
-    init, run, _ = fn._compiled
+    init, run = fn.host._compiled
     # (A fresh list for the final confirmation may have another capacity: a new shape.)
-    sizes = (init._cache_size(), run._cache_size(), fn._evaluate._cache_size())
+    sizes = (init._cache_size(), run._cache_size(), fn.host._evaluate._cache_size())
     second = fn(s, fmax=fmax)
     assert first.converged and second.converged
-    assert (init._cache_size(), run._cache_size(), fn._evaluate._cache_size()) == sizes
+    assert (init._cache_size(), run._cache_size(), fn.host._evaluate._cache_size()) == sizes
     check = second.system.to_ase()
     check.calc = AseLJ(sigma=SIGMA, epsilon=EPS, rc=rc, ro=ro, smooth=True)
     assert np.linalg.norm(check.get_forces(), axis=1).max() < fmax

@@ -5,12 +5,8 @@ import numpy as np
 import pytest
 
 import mdsens  # noqa: F401  (float64)
-from mdsens.md.zero_modes import (
-    NearSingularWarning,
-    SaddlePointError,
-    rigid_modes,
-    stability,
-)
+from mdsens import NearSingularWarning, SaddlePointError, StabilityOptions
+from mdsens.md.zero_modes import rigid_modes, stability
 
 
 @pytest.mark.parametrize(
@@ -96,8 +92,8 @@ def test_lobpcg_agrees_with_dense():
         return 0.5 * jnp.sum(k[:, None] * d * d)
 
     R = jnp.asarray(rng.normal(size=(40, 2)))
-    dense = stability(E, R, True, method="dense")
-    lob = stability(E, R, True, method="lobpcg", warn=False)
+    dense = stability(E, R, True, StabilityOptions(method="dense"))
+    lob = stability(E, R, True, StabilityOptions(method="lobpcg", warn=False))
     np.testing.assert_allclose(lob.eigenvalues[:3], dense.eigenvalues[:3], rtol=1e-5)
 
 
@@ -190,7 +186,7 @@ def test_rattlers_found_by_probing_match_dense_eigh(rattler_packing, method):
     tiny_dofs = np.arange(2 * N_BIG, 2 * (N_BIG + N_TINY))
     assert set(tiny_dofs) <= set(zero_rows)  # the tiny discs touch nobody
 
-    rep = stability(E, R, True, method=method)
+    rep = stability(E, R, True, StabilityOptions(method=method))
     assert rep.method == method and rep.converged
     np.testing.assert_array_equal(rep.isolated_dofs, zero_rows)
     np.testing.assert_array_equal(rep.rattlers, np.unique(zero_rows // 2))
@@ -212,7 +208,7 @@ def test_isolated_dofs_probing_edge_cases(rattler_packing):
     # deterministic
     np.testing.assert_array_equal(zm.find_isolated_dofs(E, R), zm.find_isolated_dofs(E, R))
     # without probing, the dense eigen-analysis still finds the same null space
-    rep = stability(E, R, True, method="dense", isolated_dof_rtol=None)
+    rep = stability(E, R, True, StabilityOptions(method="dense", isolated_dof_rtol=None))
     assert rep.isolated_dofs.size == 0
     _check_basis(rep, projector, k_null)
     np.testing.assert_allclose(rep.lambda_min, lam_min, rtol=1e-10)
@@ -230,7 +226,7 @@ def test_rattlers_of_soft_sphere_potential_are_exact(rattler_packing):
     nb = pot.neighbor_list(system)
     energy = lambda R: E(R, pot.params, system.cell, nb)  # noqa: E731
     np.testing.assert_allclose(energy(R), E_ref(R), rtol=1e-12)
-    rep = stability(energy, R, True, method="dense")
+    rep = stability(energy, R, True, StabilityOptions(method="dense"))
     np.testing.assert_array_equal(rep.isolated_dofs, zero_rows)
 
 
@@ -261,22 +257,21 @@ def _ring_and_dimers(n_ring=40, n_dimers=6, seed=5):
 def test_lobpcg_rounds_find_more_soft_modes_than_its_block():
     E, R = _ring_and_dimers()
     zero_rows, projector, lam_min, k_null = _dense_truth(E, R)
-    assert zero_rows.size == 0 and k_null == 2 + 18 > zm.LOBPCG_MODES
-    rep = stability(E, R, True, method="lobpcg")  # two rounds: 8 soft, then 16 (10 soft)
+    assert zero_rows.size == 0 and k_null == 2 + 18 > StabilityOptions().lobpcg_modes
+    rep = stability(E, R, True, StabilityOptions(method="lobpcg"))  # two rounds: 8 soft, then 16 (10 soft)
     assert rep.converged and rep.isolated_dofs.size == 0 and rep.n_soft == 18
     _check_basis(rep, projector, k_null)
     np.testing.assert_allclose(rep.lambda_min, lam_min, rtol=1e-6)
-    dense = stability(E, R, True, method="dense")
+    dense = stability(E, R, True, StabilityOptions(method="dense"))
     _check_basis(dense, projector, k_null)
     np.testing.assert_allclose(dense.lambda_min, lam_min, rtol=1e-10)
 
 
-def test_lobpcg_out_of_rounds_warns(monkeypatch):
+def test_lobpcg_out_of_rounds_warns():
     E, R = _ring_and_dimers()
-    monkeypatch.setattr(zm, "LOBPCG_ROUNDS", 1)
     with pytest.warns(NearSingularWarning, match="only soft modes in 1 rounds"):
-        rep = stability(E, R, True, method="lobpcg")
-    assert np.isnan(rep.lambda_min) and not rep.converged and rep.n_soft == zm.LOBPCG_MODES
+        rep = stability(E, R, True, StabilityOptions(method="lobpcg", lobpcg_rounds=1))
+    assert np.isnan(rep.lambda_min) and not rep.converged and rep.n_soft == StabilityOptions().lobpcg_modes
 
 
 def test_saddle_raises_with_lobpcg():
@@ -291,7 +286,7 @@ def test_saddle_raises_with_lobpcg():
     w = np.linalg.eigvalsh(np.asarray(jax.hessian(E)(R)).reshape(80, 80))
     assert w[0] < -0.1
     with pytest.raises(SaddlePointError, match="saddle point") as info:
-        stability(E, R, True, method="lobpcg")
+        stability(E, R, True, StabilityOptions(method="lobpcg"))
     reported = float(str(info.value).split("λ_min = ")[1].split()[0])
     np.testing.assert_allclose(reported, w[0], rtol=1e-5)  # printed with 6 digits
 
@@ -311,7 +306,7 @@ def test_isolated_atom_of_a_free_cluster():
     R = jnp.asarray(np.concatenate([R6, [[2.0, -1.0, 0.5]]]))
     zero_rows, projector, lam_min, k_null = _dense_truth(E, R, rtol=1e-9)
     assert k_null == 9 and list(zero_rows) == [18, 19, 20]
-    rep = stability(E, R, False, method="dense")
+    rep = stability(E, R, False, StabilityOptions(method="dense"))
     assert rep.rigid.shape[0] == 6 and rep.n_soft == 3
     np.testing.assert_array_equal(rep.rattlers, [6])
     np.testing.assert_allclose(rep.soft.reshape(3, -1) @ rep.rigid.reshape(6, -1).T, 0.0, atol=1e-12)

@@ -5,15 +5,7 @@ Nothing here knows about atoms; :mod:`mdsens.md` uses it exactly as user code wo
 
 from mdsens.implicit import linear_solve
 from mdsens.implicit.linear_solve import SolveInfo
-from mdsens.implicit.root import (
-    LinearSolveError,
-    LinearSolveWarning,
-    OptimalityStructureError,
-    custom_fixed_point,
-    custom_root,
-    root_jvp,
-    root_vjp,
-)
+from mdsens.implicit.root import custom_fixed_point, custom_root, root_jvp, root_vjp
 
 __all__ = [
     "custom_root",
@@ -22,7 +14,4 @@ __all__ = [
     "root_vjp",
     "linear_solve",
     "SolveInfo",
-    "LinearSolveError",
-    "LinearSolveWarning",
-    "OptimalityStructureError",
 ]

@@ -40,7 +40,6 @@ __all__ = [
     "lu",
     "cholesky",
     "lstsq",
-    "materialize",
 ]
 
 
@@ -308,13 +307,6 @@ def gmres(matvec: Callable, b, *, tol: float = 1e-10, maxiter: Optional[int] = N
 # ----------------------------------------------------------------------------------
 # Dense solvers: small problems, and references for the matrix-free ones
 # ----------------------------------------------------------------------------------
-
-
-def materialize(matvec: Callable, b):
-    """The dense ``(n, n)`` matrix of a linear map on pytrees shaped like ``b`` (n matvecs)."""
-    b_flat, unravel = ravel_pytree(b)
-    flat = lambda v: ravel_pytree(matvec(unravel(v)))[0]  # noqa: E731
-    return jax.vmap(flat)(jnp.eye(b_flat.size, dtype=b_flat.dtype)).T
 
 
 def _dense(solve_dense, matvec, b, tol, precond, ridge, x0):

@@ -1,22 +1,36 @@
-"""Physics layer: systems, potentials, relaxation, sensitivities.
+"""Physics layer: systems, potentials, relaxation, sensitivities, elastic constants.
 
-A client of :mod:`mdsens.implicit`, used exactly the way user code would use it.
+A client of :mod:`mdsens.implicit`, used exactly the way user code would use it. The
+modules, from the bottom up (see ``docs/design.md``):
+
+``errors``, ``options``, ``system``, ``io``, ``space``, ``strain``, ``neighbors``,
+``potentials``, ``minimize`` (pure minimizers), ``driver`` (the host loop),
+``zero_modes`` (stability), ``cell_relaxation`` and ``relaxation`` (``relax``),
+``problem`` (the checked input of every derivative), ``sensitivity``, ``elastic``.
 """
 
-from mdsens.md import neighbors, potentials, zero_modes
+from mdsens.md import neighbors, potentials, strain, zero_modes
+from mdsens.md.driver import RelaxResult
 from mdsens.md.elastic import ElasticConstants, elastic_constants, make_elastic_constants
-from mdsens.md.implicit_relax import relax, rigid_null_space
-from mdsens.md.io import StructureFileError, read, write
-from mdsens.md.relax import (
-    MinimizeResult,
+from mdsens.md.errors import (
+    CutoffError,
+    NearSingularWarning,
+    NeighborListError,
+    NotConvergedError,
     NotConvergedWarning,
+    ParameterError,
+    PotentialError,
     RelaxError,
-    RelaxResult,
-    fire_minimize,
-    gradient_descent_map,
-    gradient_descent_minimize,
-    make_relax,
+    ResultMismatchError,
+    SaddlePointError,
+    SpeciesError,
+    StructureError,
+    StructureFileError,
+    UnknownParameterError,
 )
+from mdsens.md.io import read, write
+from mdsens.md.options import FIRE, GradientDescent, NeighborListOptions, StabilityOptions
+from mdsens.md.relaxation import make_relax, relax
 from mdsens.md.sensitivity import (
     Sensitivity,
     make_observable_gradient,
@@ -24,5 +38,4 @@ from mdsens.md.sensitivity import (
     observable_gradient,
     sensitivity,
 )
-from mdsens.md.system import StructureError, System
-from mdsens.md.zero_modes import NearSingularWarning, SaddlePointError
+from mdsens.md.system import System

@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens.implicit import linear_solve as _ls
-from mdsens.implicit.root import LinearSolveError, root_jvp
-from mdsens.md import zero_modes as _zm
-from mdsens.md.sensitivity import _ProblemBuilder, deformation_gradient, voigt_names
+from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
+from mdsens.implicit import linear_solve, root_jvp
+from mdsens.md.options import as_stability
+from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.strain import deformation_gradient, voigt_names
 
 __all__ = ["ElasticConstants", "elastic_constants", "make_elastic_constants"]
 
@@ -85,7 +86,7 @@ class ElasticConstants:
         from ase.units import GPa
 
         if self.dim != 3:
-            raise ValueError("GPa is a 3D unit; 2D constants are in eV/Å² (force per length).")
+            raise OptionError("GPa is a 3D unit; 2D constants are in eV/Å² (force per length).")
         if self.unit == "GPa":
             return self
         f = 1.0 / GPa
@@ -121,7 +122,7 @@ def _internal(E_s, R, basis, solve):
 
     def one(t):
         dU, info = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace,
-                            symmetric=True, return_info=True, on_solve_failure="ignore")
+                            symmetric=True, return_info=True, on_failure="ignore")
         lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
         return dU, lam, info
 
@@ -131,25 +132,28 @@ def _internal(E_s, R, basis, solve):
     return born, correction, dU, info, stress_v
 
 
-class make_elastic_constants:  # noqa: N801  (a function that returns a function, like make_relax)
+class make_elastic_constants:  # noqa: N801  (a function that returns a function)
     """A reusable, compiled :func:`elastic_constants` for structures shaped like ``system``.
 
-    ``elastic_fn = make_elastic_constants(pot, system)``; ``elastic_fn(result, params=None)``
-    returns :class:`ElasticConstants`. The first call compiles the Born Hessian and the
-    ``n_voigt`` batched solves; later calls with the same layout reuse them. Options are
-    those of :func:`elastic_constants`.
+    ``elastic_fn = make_elastic_constants(pot, system)``; ``elastic_fn(result, params=None,
+    neighbor=None)`` returns :class:`ElasticConstants`. The first call compiles the Born
+    Hessian and the ``n_voigt`` batched solves; later calls with the same layout reuse
+    them. Options are those of :func:`elastic_constants`.
     """
 
-    def __init__(self, pot, system, *, solve: Optional[Callable] = None, tol: float = 1e-10,
-                 check_stability: bool = True, stability_options: Optional[dict] = None):
+    def __init__(self, pot, system, *, solve: Optional[Callable] = None, tol: float = 1e-10, strict: bool = False,
+                 strict_fmax: float = STRICT_FMAX, stability=True, neighbor_list=None, on_failure: str = "raise"):
         if not system.pbc:
-            raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
+            raise OptionError("elastic constants need a periodic system with a cell; this one is free.")
+        if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+            raise OptionError(f"tol must be a positive number (relative residual); got {tol!r}.")
         self.pot = pot
         self.tol = float(tol)
-        self.solve = solve or functools.partial(_ls.cg, tol=tol)
-        self.check_stability = bool(check_stability)
-        self.stability_options = stability_options
-        self._problem = _ProblemBuilder(pot)
+        self.solve = solve or functools.partial(linear_solve.cg, tol=tol)
+        self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
+        self.stability = as_stability(stability)
+        self.on_failure = check_policy(on_failure)
+        self._problem = ProblemBuilder(pot, neighbor_list)
         self._compiled = {}
 
     def _compile(self, prob):
@@ -157,36 +161,34 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
 
         def run(R, basis, params, cell, nb):
             def E_s(U, eps_v):
-                Fm = deformation_gradient(eps_v, dim)
-                return energy(U @ Fm, params, cell @ Fm, nb)
+                D = deformation_gradient(eps_v, dim)
+                return energy(U @ D, params, cell @ D, nb)
 
             return _internal(E_s, R, basis, solve)
 
-        return jax.jit(run)
+        return jax.jit(run), jax.jit(jax.grad(energy))
 
     def __call__(self, result, params=None, neighbor=None) -> ElasticConstants:
         prob = self._problem(result, params, neighbor)
         system = prob.system
         if not system.pbc:
-            raise ValueError("elastic constants need a periodic system with a cell; this one is free.")
-        if self.check_stability:
-            basis = _zm.stability(prob.energy, system.positions, True, args=(prob.params, system.cell, prob.neighbor),
-                                  **(self.stability_options or {})).basis
-        else:
-            basis = _zm.rigid_modes(system.positions, True)
+            raise OptionError("elastic constants need a periodic system with a cell; this one is free.")
         key = (system.n_atoms, system.dim, tuple(np.asarray(system.species).tolist()),
-               tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())),
-               prob.neighbor is None, np.shape(basis))
+               tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None)
         if key not in self._compiled:
             self._compiled[key] = self._compile(prob)
-        born, correction, dU, info, stress_v = self._compiled[key](
+        run, grad = self._compiled[key]
+        g0 = grad(system.positions, prob.params, system.cell, prob.neighbor)
+        fmax_now = check_stationary(prob, g0, self.strict, self.strict_fmax, "elastic constants")
+        basis = null_basis(prob, self.stability, fmax_now)[0]
+        born, correction, dU, info, stress_v = run(
             system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor)
         if not bool(np.all(np.asarray(info.converged))):
-            raise LinearSolveError(
-                f"the internal-relaxation solves missed tol={self.tol:g} (relative residuals "
-                f"{np.asarray(info.relative_residual)}). Relax tighter, or check for soft modes "
-                "(check_stability=True), or pass solve=functools.partial(ms.linear_solve.minres, ...)."
-            )
+            report(self.on_failure,
+                   f"the internal-relaxation solves missed tol={self.tol:g} (relative residuals "
+                   f"{np.asarray(info.relative_residual)}). Relax tighter, keep stability=True (soft "
+                   "modes), or pass solve=functools.partial(ms.linear_solve.minres, ...).",
+                   LinearSolveError, LinearSolveWarning)
         V = float(system.volume)
         born = np.asarray(born) / V
         corr = np.asarray(correction) / V
@@ -207,38 +209,29 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         )
 
 
-def elastic_constants(
-    result,
-    pot,
-    *,
-    params=None,
-    solve: Optional[Callable] = None,
-    tol: float = 1e-10,
-    check_stability: bool = True,
-    stability_options: Optional[dict] = None,
-    neighbor=None,
-) -> ElasticConstants:
+def elastic_constants(result, pot, *, params=None, solve: Optional[Callable] = None, tol: float = 1e-10,
+                      strict: bool = False, strict_fmax: float = STRICT_FMAX, stability=True, neighbor_list=None,
+                      neighbor=None, on_failure: str = "raise") -> ElasticConstants:
     """Clamped-ion and relaxed-ion Voigt elastic constants of a relaxed periodic structure.
 
     Args:
       result: a ``RelaxResult`` or a relaxed periodic ``System``.
       pot: the potential; ``params`` default ``pot.params``.
-      solve: linear solver for the internal relaxation (default CG with ``tol``).
-      check_stability: refuse saddles and declare rattlers (see
-        :mod:`mdsens.md.zero_modes`); ``False``: translations only.
-      neighbor: neighbor list to use (default: built when the potential uses one).
+      solve, tol: linear solver of the internal relaxation (default CG with ``tol``).
+      strict, strict_fmax, stability, neighbor_list, neighbor: as ``ms.sensitivity``.
+      on_failure: an internal-relaxation solve that misses ``tol``: ``"raise"``
+        (default), ``"warn"`` or ``"ignore"``.
 
     Returns:
-      :class:`ElasticConstants` in eV/Å³ (eV/Å² in 2D). Compiles on every call; use
-      :class:`make_elastic_constants` to reuse the compiled solves across structures or
-      parameters.
+      :class:`ElasticConstants` in eV/Å³ (eV/Å² in 2D). Compiles on every call;
+      :class:`make_elastic_constants` reuses the compiled solves.
 
     Raises:
-      ValueError: a free (non-periodic) system.
+      OptionError: a free (non-periodic) system, or invalid options.
       SaddlePointError: negative curvature at the input.
-      LinearSolveError: an internal-relaxation solve missed ``tol``.
+      LinearSolveError: an internal-relaxation solve missed ``tol`` (``on_failure="raise"``).
     """
     system = getattr(result, "system", result)
-    fn = make_elastic_constants(pot, system, solve=solve, tol=tol, check_stability=check_stability,
-                                stability_options=stability_options)
+    fn = make_elastic_constants(pot, system, solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax,
+                                stability=stability, neighbor_list=neighbor_list, on_failure=on_failure)
     return fn(result, params=params, neighbor=neighbor)

@@ -18,26 +18,32 @@
     ``species``, ``symbols``, ``pbc``).
 
 Round trips through extxyz, POSCAR and npz are lossless for positions, cell, pbc and
-symbols. CIF files are read (they wrap atoms into the cell, as CIF does).
+symbols. CIF files are read (they wrap atoms into the cell, as CIF does); a CIF with
+partially occupied sites is refused (mdsens needs an ordered structure).
+
+Every write goes to a temporary file in the target's directory, renamed into place only
+when complete (:func:`write_atomically`): a failed write never truncates or replaces an
+existing file.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
-from typing import Optional, Sequence
+import tempfile
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from mdsens.md.system import StructureError, System
+from mdsens.errors import MissingFileError
+from mdsens.md.errors import StructureError, StructureFileError
+from mdsens.md.system import System
 
-__all__ = ["read", "write", "StructureFileError"]
+__all__ = ["read", "write", "write_atomically", "write_text_atomically"]
 
 _EXTXYZ_FORMATS = {"extxyz", "xyz"}
 _EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
-
-
-class StructureFileError(StructureError):
-    """A structure file that cannot be read or written; the message names the file and why."""
 
 
 def _is_npz(path: str, format: Optional[str]) -> bool:
@@ -67,14 +73,14 @@ def read(path, index=-1, symbols: Optional[Sequence[str]] = None, format: Option
       A ``System`` (Å, positions ``(N, d)``), or a list of them for a slice ``index``.
 
     Raises:
-      FileNotFoundError: ``path`` does not exist.
+      MissingFileError: ``path`` does not exist (a ``FileNotFoundError``).
       StructureFileError: ASE (or numpy) could not parse the file; the message includes
         what the reader said.
       StructureError: the structure itself is unusable (e.g. mixed pbc, zero-volume cell).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"structure file '{path}' does not exist.")
+        raise MissingFileError(f"structure file '{path}' does not exist.")
     if os.path.isdir(path):
         raise StructureFileError(f"'{path}' is a directory, not a structure file.")
     if _is_npz(path, format):
@@ -86,6 +92,11 @@ def read(path, index=-1, symbols: Optional[Sequence[str]] = None, format: Option
 
     try:
         images = ase.io.read(path, index=index, format=format)
+    except (StopIteration, IndexError):
+        raise StructureFileError(
+            f"'{path}' has no frame index={index!r} ({_frame_count(path, format)}); use an index "
+            "within the file (-1 is the last frame, ':' reads all)."
+        ) from None
     except Exception as err:  # ASE raises many types; the user needs the path and reason
         reason = f"{type(err).__name__}: {err}".strip()
         raise StructureFileError(
@@ -98,10 +109,29 @@ def read(path, index=-1, symbols: Optional[Sequence[str]] = None, format: Option
     return _from_atoms(images, symbols, path)
 
 
+def _frame_count(path, format) -> str:
+    import ase.io
+
+    try:
+        return f"it has {len(ase.io.read(path, index=':', format=format))} frame(s)"
+    except Exception:  # the count is only for the message
+        return "its frames could not be counted"
+
+
 def _from_atoms(atoms, symbols, path) -> System:
     if len(atoms) == 0:
         raise StructureFileError(f"'{path}' contains a structure with no atoms.")
     info = atoms.info
+    partial = {site: occ for site, occ in dict(info.get("occupancy") or {}).items()
+               if not math.isclose(sum(occ.values()), 1.0) or len(occ) > 1}
+    if partial:
+        site, occ = next(iter(partial.items()))
+        raise StructureFileError(
+            f"'{path}' has {len(partial)} partially occupied site(s) (e.g. site {site}: {occ}); a "
+            "relaxation needs an ordered structure with one atom per site. Build an ordered "
+            "supercell (e.g. with pymatgen's OrderDisorderedStructureTransformation), or edit the "
+            "file to the species you mean."
+        )
     if "mdsens_dim" in info:
         return _from_flagged_atoms(atoms, path)
     try:
@@ -162,8 +192,80 @@ def _read_npz(path, symbols) -> System:
 
 
 # -------------------------------------------------------------------------- write
+def write_atomically(path, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    The temporary name keeps ``path``'s suffix. On any error the temporary file is
+    removed and ``path`` is left as it was.
+
+    Raises:
+      StructureFileError: the directory does not exist or is not writable.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StructureFileError(f"cannot write '{path}': the directory '{directory}' does not exist.")
+    if os.path.isdir(path):
+        raise StructureFileError(f"cannot write '{path}': it is a directory.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mdsens-", suffix="-" + os.path.basename(path), dir=directory)
+    except OSError as err:
+        raise StructureFileError(f"cannot write '{path}': {err.strerror or err}.") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _file_mode(path) -> int:
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_text_atomically(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`write_atomically`."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+
+    write_atomically(path, write)
+
+
+def _checked_info(info) -> dict:
+    """Scalar extxyz metadata that the extxyz reader reads back as written, or an error."""
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise StructureFileError(f"info must be a dict of scalar metadata; got {type(info).__name__}.")
+    for key, value in info.items():
+        if not isinstance(key, str) or not key or any(c.isspace() or c in '="\'' for c in key):
+            raise StructureFileError(
+                f"info key {key!r} cannot be stored in an extxyz comment line: keys must be non-empty "
+                "strings without spaces, '=' or quotes."
+            )
+        if key in ("Lattice", "Properties", "pbc", "mdsens_dim", "mdsens_symbols"):
+            raise StructureFileError(f"info key {key!r} is reserved by the extxyz format; rename it.")
+        ok = isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Real) and math.isfinite(value))
+        ok = ok or (isinstance(value, str) and value and not any(c in value for c in '\n\r"\\'))
+        if not ok:
+            raise StructureFileError(
+                f"info[{key!r}] = {value!r} cannot be stored so that readers get it back: values must be "
+                "finite numbers, booleans, or non-empty strings without newlines, quotes or backslashes."
+            )
+    return dict(info)
+
+
 def write(path, system: System, format: Optional[str] = None, info: Optional[dict] = None) -> None:
-    """Write ``system`` to ``path``.
+    """Write ``system`` to ``path``, atomically (see the module docstring).
 
     Args:
       path: output file name; the format is guessed from it unless ``format`` is given.
@@ -175,22 +277,28 @@ def write(path, system: System, format: Optional[str] = None, info: Optional[dic
 
     Raises:
       StructureFileError: the format cannot hold this system (a 2D or non-element system
-        in a format other than extxyz/npz), or ASE failed to write it.
+        in a format other than extxyz/npz), metadata that would not read back, a missing
+        directory, or ASE failed to write it. ``path`` is then untouched.
     """
     path = os.fspath(path)
+    if not isinstance(system, System):
+        raise StructureFileError(f"write needs an ms.System; got {type(system).__name__}.")
     if _is_npz(path, format):
-        np.savez(
-            path,
-            positions=np.asarray(system.positions, np.float64),
-            cell=np.zeros((0,)) if system.cell is None else np.asarray(system.cell, np.float64),
-            species=np.asarray(system.species, np.int32),
-            symbols=np.asarray(system.symbols, dtype=str),
-            pbc=np.asarray(system.pbc),
-        )
+        def write_npz(tmp):
+            with open(tmp, "wb") as fh:
+                np.savez(
+                    fh,
+                    positions=np.asarray(system.positions, np.float64),
+                    cell=np.zeros((0,)) if system.cell is None else np.asarray(system.cell, np.float64),
+                    species=np.asarray(system.species, np.int32),
+                    symbols=np.asarray(system.symbols, dtype=str),
+                    pbc=np.asarray(system.pbc),
+                )
+
+        write_atomically(path, write_npz)
         return
     if _is_extxyz(path, format):
-        with open(path, "w") as fd:
-            fd.write(_extxyz_text(system, info or {}))
+        write_text_atomically(path, _extxyz_text(system, _checked_info(info)))
         return
 
     if system.dim != 3 or not _are_elements(system.symbols):
@@ -199,11 +307,20 @@ def write(path, system: System, format: Optional[str] = None, info: Optional[dic
             "elements only. Write it as extxyz (.xyz) or .npz, which mdsens reads back exactly."
         )
     import ase.io
+    from ase.io.formats import filetype
 
     try:
-        ase.io.write(path, system.to_ase(), format=format)
+        fmt = format or filetype(path, read=False)
     except Exception as err:
-        raise StructureFileError(f"could not write '{path}' ({type(err).__name__}: {err}).") from err
+        raise StructureFileError(f"cannot tell the format of '{path}' ({err}); pass format=...") from None
+
+    def write_ase(tmp):
+        try:
+            ase.io.write(tmp, system.to_ase(), format=fmt)
+        except Exception as err:
+            raise StructureFileError(f"could not write '{path}' ({type(err).__name__}: {err}).") from err
+
+    write_atomically(path, write_ase)
 
 
 def _are_elements(symbols) -> bool:

@@ -1,39 +1,24 @@
-"""Neighbor-list policy: when lists are used, how they are built, checked and refreshed.
+"""Neighbor lists: when they are used, how they are built, checked and refreshed.
 
-Policy
-------
-* Systems with ``N >= NEIGHBOR_LIST_MIN_ATOMS`` (= 500) atoms use neighbor lists; smaller
-  ones use the dense all-pairs path (O(N²) but branch-free and fastest at that size).
-  A potential may lower the switch (``pot.neighbor_list_min_atoms``; Tersoff: 128 and
-  Stillinger–Weber: 32, because their dense three-body sums are O(N³)). Differentiating
-  ``ms.relax`` under jit/vmap needs the dense path (``neighbor_list=False``).
-  Both give the same energies and forces to round-off (tested to 1e-12).
-* Lists are jax-md ``Dense`` lists (full: every pair i→j and j→i, needed by three-body
-  potentials), built on fractional coordinates with ``periodic_general`` for periodic
-  systems (cell lists when the cell is at least 4 list-radii wide) and ``free`` space
-  without cell lists for clusters (O(N²) rebuild; fine up to a few thousand atoms).
-* A list covers an interaction range ``cutoff`` (= ``pot.cutoff(params)`` when it was
-  made) and stores pairs within ``cutoff + margin + skin``. jax-md rebuilds it inside
-  ``update`` when an atom moved more than ``skin/2`` since the last build; mdsens also
-  forces a rebuild when the *box* deformed by more than ``max_strain = margin / (cutoff
-  + margin + skin)`` (relative change of any distance), which jax-md alone does not
-  notice (at fixed fractional coordinates it sees no motion).
-* Overflow is never silent: ``update`` may overflow inside jit (the flag is set, the
-  list truncated), so the host must call :func:`refresh` (or
-  ``pot.refresh_neighbor_list``) after every jitted chunk; it reallocates with fresh
-  capacity, and also when the parameters now need a longer range than the list covers.
+The policy (stated in full in ``docs/design.md``, "Neighbor lists"):
+
+* Lists are used from ``pot.neighbor_list_min_atoms`` atoms (500 for pair potentials,
+  128 for Tersoff, 32 for Stillinger–Weber, whose dense three-body paths are O(N³));
+  :class:`~mdsens.md.options.NeighborListOptions` overrides it.
+* Lists are jax-md ``Dense`` (full) lists on fractional coordinates, covering
+  ``cutoff + margin + skin``; :meth:`NeighborListFn.update` (pure, jit-able) rebuilds
+  when an atom moved more than ``skin/2`` or the box deformed beyond ``margin``.
+* **Overflow is never silent.** Every consumer checks the flag: an overflowed list is
+  reallocated with :func:`overflow_capacity` more slots (:func:`refresh`, the relaxation
+  driver); :func:`indices_only` and the energy functions refuse one on the host and
+  turn the energy into NaN inside ``jit``; a list that no longer matches the positions
+  (stale) is refused by :func:`check_valid`.
 * jax-md builds lists with the box cast to float32 and its gradient stopped: the list
   only decides *which* pairs interact; energies use the float64 cell given to ``E``.
-* jax-md's cell list assumes an upper-triangular box. mdsens hands it the Cholesky
-  form ``R`` of the metric (``Rᵀ R = cellᵀ cell``, via QR), which has the same
-  distances for the same fractional coordinates, so any triclinic/rotated cell works.
-
-API
----
-``nl = neighbor_list_fn(system, cutoff)``; ``nbrs = nl.allocate(positions, cell)``;
-``nbrs = nl.update(positions, nbrs, cell)`` (pure, jit-able);
-``nl, nbrs = refresh(nl, nbrs, system, cutoff)`` (host). ``nbrs`` is a
-:class:`Neighbors` pytree to pass as ``neighbor=`` to a potential's energy function.
+* jax-md's cell list assumes an upper-triangular box: mdsens hands it the metric box
+  (:func:`metric_box`). A cell list that would be huge for the number of atoms (a big,
+  mostly empty box) is replaced by the O(N²) build when N is small, and refused with a
+  clear message before anything is allocated otherwise.
 """
 
 from __future__ import annotations
@@ -46,31 +31,32 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition, space
 
+from mdsens.md.errors import NeighborListError
 from mdsens.md.system import System
 
-#: Systems with at least this many atoms use neighbor lists (dense all-pairs below).
+#: Default switch to neighbor lists (pair potentials; others set their own).
 NEIGHBOR_LIST_MIN_ATOMS = 500
 #: Default skin, relative to the cutoff (skin = 0.1 * cutoff).
 DEFAULT_SKIN_FRACTION = 0.1
 #: Default strain margin, relative to the skin (margin = 0.5 * skin).
 DEFAULT_MARGIN_FRACTION = 0.5
-
-
-class NeighborListError(RuntimeError):
-    """A neighbor list cannot be used as given; the message says what to do."""
+#: Largest memory (bytes) a cell list may take before the O(N²) build or an error.
+CELL_LIST_MAX_BYTES = 2**30
+#: Largest N for the O(N²) candidate build when a cell list would be too sparse.
+DENSE_BUILD_MAX_ATOMS = 5000
 
 
 def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS) -> bool:
-    """The automatic choice: ``n_atoms >= min_atoms`` (default 500)."""
+    """The automatic choice: ``n_atoms >= min_atoms``."""
     return int(n_atoms) >= int(min_atoms)
 
 
 def metric_box(cell):
     """Upper-triangular ``R`` (positive diagonal) with ``Rᵀ R = cellᵀ cell``.
 
-    ``R s`` has the same length as ``cell.T s`` for every fractional ``s``, so neighbor
-    lists built with ``R`` select exactly the same pairs; jax-md's cell-list sizing
-    (``_fractional_cell_size``) is only right for upper-triangular boxes.
+    ``R s`` has the same length as ``cell.T s`` for every fractional ``s``, so lists built
+    with ``R`` select exactly the same pairs; jax-md's cell-list sizing is only right for
+    upper-triangular boxes.
     """
     _, r = jnp.linalg.qr(jnp.asarray(cell).T)
     signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
@@ -85,19 +71,21 @@ class Neighbors:
       nbrs: the jax-md ``NeighborList`` (``Dense``; ``idx (N, max_neighbors)``, padding N).
       reference_box: metric box at the last (re)build, ``(d, d)``; ``None`` if free.
       cutoff: interaction range (Å) the list covers (static).
+      skin: motion allowance (Å) of the list (static).
     """
 
-    def __init__(self, nbrs, reference_box, cutoff: float):
+    def __init__(self, nbrs, reference_box, cutoff: float, skin: float = 0.0):
         self.nbrs = nbrs
         self.reference_box = reference_box
         self.cutoff = float(cutoff)
+        self.skin = float(skin)
 
     def tree_flatten(self):
-        return (self.nbrs, self.reference_box), (self.cutoff,)
+        return (self.nbrs, self.reference_box), (self.cutoff, self.skin)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], children[1], aux[0])
+        return cls(children[0], children[1], *aux)
 
     @property
     def idx(self):
@@ -111,22 +99,18 @@ class Neighbors:
 
     def needs_reallocation(self) -> bool:
         """Host check: overflow (list or cell list), or cells too small for a shrunk box."""
-        code = int(self.nbrs.error.code)
-        bad = (
-            partition.PEC.NEIGHBOR_LIST_OVERFLOW
-            | partition.PEC.CELL_LIST_OVERFLOW
-            | partition.PEC.CELL_SIZE_TOO_SMALL
-        )
-        # Not MALFORMED_BOX: jax-md 0.2.29 sets that bit for every *valid* (upper-
-        # triangular) box (its predicate is inverted); mdsens always hands it the
-        # upper-triangular metric box, so the bit carries no information.
-        return bool(code & bad)
+        return _needs_reallocation(self.nbrs)
 
     def __repr__(self):
-        return (
-            f"Neighbors(N={self.idx.shape[0]}, capacity={self.idx.shape[1]}, "
-            f"cutoff={self.cutoff:g})"
-        )
+        return f"Neighbors(N={self.idx.shape[0]}, capacity={self.idx.shape[1]}, cutoff={self.cutoff:g})"
+
+
+def _needs_reallocation(nbrs) -> bool:
+    code = int(nbrs.error.code)
+    bad = partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW | partition.PEC.CELL_SIZE_TOO_SMALL
+    # Not MALFORMED_BOX: jax-md 0.2.29 sets that bit for every *valid* (upper-triangular)
+    # box (its predicate is inverted); mdsens always hands it the metric box.
+    return bool(code & bad)
 
 
 class NeighborIndices(NamedTuple):
@@ -135,28 +119,137 @@ class NeighborIndices(NamedTuple):
     idx: jax.Array
 
 
+def _overflow_flag(neighbor):
+    """The overflow flag of a list, or ``None`` if it carries none (bare indices)."""
+    nbrs = getattr(neighbor, "nbrs", neighbor)
+    return getattr(nbrs, "did_buffer_overflow", None) if hasattr(nbrs, "error") else None
+
+
+def refuse_overflowed(neighbor, where: str = "this computation") -> None:
+    """Raise :class:`NeighborListError` if a concrete list overflowed (host check)."""
+    flag = _overflow_flag(neighbor)
+    if flag is None or isinstance(flag, jax.core.Tracer):
+        return
+    nbrs = getattr(neighbor, "nbrs", neighbor)
+    if bool(flag) or _needs_reallocation(nbrs):
+        raise NeighborListError(
+            f"the neighbor list passed to {where} overflowed (it ran out of capacity and was "
+            "truncated), so pairs are missing and energies and forces would be wrong. Build a "
+            "fresh one with pot.neighbor_list(system), or reallocate it with "
+            "mdsens.md.neighbors.refresh(...)."
+        )
+
+
+def overflow_flag(neighbor):
+    """The overflow flag as a traced-friendly bool array (False for bare indices)."""
+    flag = _overflow_flag(neighbor)
+    return jnp.asarray(False) if flag is None else jnp.asarray(flag)
+
+
 def indices_only(neighbor):
     """The part of a neighbor list to pass into jitted code: ``NeighborIndices`` or None.
 
     jax-md's ``NeighborList`` keeps ``cell_size`` (an array) and a fresh update closure as
     static pytree metadata, so passing a newly allocated list into a jitted function
-    retraces and recompiles it every time (and array metadata can make the cache-key
-    comparison fail). Energies only need the indices, whose shape is the capacity.
+    retraces and recompiles it every time. Energies only need the indices, whose shape is
+    the capacity. A concrete list that overflowed is refused.
     """
-    return None if neighbor is None else NeighborIndices(neighbor_idx(neighbor))
+    if neighbor is None:
+        return None
+    refuse_overflowed(neighbor)
+    return NeighborIndices(neighbor_idx(neighbor))
 
 
 def neighbor_idx(neighbor):
-    """``idx`` of a :class:`Neighbors` or a jax-md Dense ``NeighborList``."""
-    if isinstance(neighbor, Neighbors):
+    """``idx`` of a :class:`Neighbors`, :class:`NeighborIndices` or jax-md Dense ``NeighborList``."""
+    if isinstance(neighbor, (Neighbors, NeighborIndices)):
         return neighbor.idx
     fmt = getattr(neighbor, "format", partition.Dense)
-    if fmt is not partition.Dense:
+    if fmt is not partition.Dense or not hasattr(neighbor, "idx"):
         raise NeighborListError(
             "mdsens potentials use Dense (full) neighbor lists; build them with "
             "pot.neighbor_list(...) or mdsens.md.neighbors.neighbor_list_fn(...)."
         )
     return neighbor.idx
+
+
+def overflow_capacity(neighbor) -> int:
+    """Extra slots for the reallocation of an overflowed list: its capacity doubles (at
+    least 8 more), since every new shape costs a recompilation."""
+    return max(8, int(neighbor_idx(neighbor).shape[1]))
+
+
+def stable_metadata(neighbor, cell_list_fns: dict):
+    """The same list with jax-md's static metadata made cache-friendly.
+
+    Jitted functions taking a jax-md ``NeighborList`` key their compilation cache on its
+    static fields. Two of them defeat the cache: ``cell_size``, a 0-d array, and
+    ``cell_list_fn``, a fresh closure from every allocation. Here ``cell_size`` becomes a
+    float and ``cell_list_fn`` is shared between allocations with the same box and cell
+    size (it depends on nothing else), through the caller-owned ``cell_list_fns`` dict.
+    """
+    nbrs = getattr(neighbor, "nbrs", None)
+    if nbrs is None or getattr(nbrs, "cell_list_fn", None) is None:
+        return neighbor
+    changes = {}
+    size = nbrs.cell_size
+    if size is not None and not isinstance(size, float) and np.ndim(size) == 0:
+        size = changes["cell_size"] = float(size)
+    box = neighbor.reference_box
+    key = (None if box is None else np.asarray(box).tobytes(), repr(size))
+    changes["cell_list_fn"] = cell_list_fns.setdefault(key, nbrs.cell_list_fn)
+    return Neighbors(dataclasses.replace(nbrs, **changes), neighbor.reference_box, neighbor.cutoff, neighbor.skin)
+
+
+def check_valid(neighbor, system: System, cutoff: float, where: str = "this computation") -> None:
+    """Raise :class:`NeighborListError` unless ``neighbor`` may be used for ``system``.
+
+    It must not have overflowed, must cover ``cutoff``, must have one row per atom, and
+    must still describe these positions: no atom moved more than ``skin/2`` since it was
+    built and the box did not deform beyond its margin (else it is stale and misses pairs).
+    """
+    refuse_overflowed(neighbor, where)
+    idx = neighbor_idx(neighbor)
+    if idx.shape[0] != system.n_atoms:
+        raise NeighborListError(
+            f"the neighbor list passed to {where} has {idx.shape[0]} rows but the system has "
+            f"{system.n_atoms} atoms; build it for this system with pot.neighbor_list(system)."
+        )
+    if not isinstance(neighbor, Neighbors):
+        raise NeighborListError(
+            f"{where} needs an mdsens neighbor list (pot.neighbor_list(system) or a "
+            "RelaxResult's .neighbor), which records its range and skin; got "
+            f"{type(neighbor).__name__}."
+        )
+    if neighbor.cutoff < cutoff:
+        raise NeighborListError(
+            f"the neighbor list passed to {where} covers a range of {neighbor.cutoff:.6g} but the "
+            f"potential now reaches {cutoff:.6g} (a parameter grew the range): build a new list "
+            "with pot.neighbor_list(system, params)."
+        )
+    moved = _largest_motion(neighbor, system)
+    if moved > 0.5 * neighbor.skin + 1e-12:
+        raise NeighborListError(
+            f"the neighbor list passed to {where} is stale: an atom moved {moved:.3g} since it was "
+            f"built, more than half its skin ({neighbor.skin:.3g}), so pairs may be missing. Pass "
+            "the list of the relaxation that produced these positions (result.neighbor), or none "
+            "(a fresh one is built)."
+        )
+
+
+def _largest_motion(neighbor, system) -> float:
+    ref = np.asarray(neighbor.nbrs.reference_position, np.float64)
+    R = np.asarray(system.positions, np.float64)
+    if neighbor.reference_box is None:
+        return float(np.sqrt(np.max(np.sum((R - ref) ** 2, axis=1), initial=0.0)))
+    cell = np.asarray(system.cell, np.float64)
+    ds = np.linalg.solve(cell.T, R.T).T - ref
+    ds -= np.round(ds)
+    metric = np.asarray(metric_box(cell))
+    # a box deformation since the build counts as motion of the farthest atom
+    strain = np.linalg.norm(metric @ np.linalg.inv(np.asarray(neighbor.reference_box)) - np.eye(cell.shape[0]), 2)
+    moved = float(np.sqrt(np.max(np.sum((ds @ metric.T) ** 2, axis=1), initial=0.0)))
+    return moved + strain * (neighbor.cutoff + 1.5 * neighbor.skin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +262,8 @@ class NeighborListFn:
       margin: extra list radius that absorbs box deformation (Å).
       periodic: whether the system is periodic.
       n_atoms: number of atoms.
+      capacity_multiplier: spare slots at allocation (jax-md's).
+      cell_list: whether a cell list is used for the build.
     """
 
     cutoff: float
@@ -177,6 +272,7 @@ class NeighborListFn:
     periodic: bool
     n_atoms: int
     capacity_multiplier: float
+    cell_list: bool
     _fns: object = dataclasses.field(repr=False, compare=False)
 
     @property
@@ -203,7 +299,7 @@ class NeighborListFn:
         """Build a list from scratch (host; not jit-able: the capacity is data-dependent)."""
         x, kw = self._frac(positions, cell)
         nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
-        out = Neighbors(nbrs, kw.get("box"), self.cutoff)
+        out = Neighbors(nbrs, kw.get("box"), self.cutoff, self.skin)
         if out.needs_reallocation():  # cannot happen for a fresh list; never ignore it
             raise NeighborListError(f"freshly allocated neighbor list reports an error: {nbrs.error}")
         return out
@@ -211,8 +307,8 @@ class NeighborListFn:
     def update(self, positions, neighbors: Neighbors, cell=None) -> Neighbors:
         """Pure, jit-able update; rebuilds on atom motion > skin/2 or box strain > max_strain.
 
-        Keeps the capacity: a rebuild that needs more slots sets the overflow flag,
-        which the host must check (:func:`refresh`).
+        Keeps the capacity: a rebuild that needs more slots sets the overflow flag, which
+        the host must check (:func:`refresh`).
         """
         x, kw = self._frac(positions, cell)
         nbrs = neighbors.nbrs
@@ -229,93 +325,93 @@ class NeighborListFn:
         if self.periodic:
             rebuilt = jnp.any(new.reference_position != nbrs.reference_position)
             ref_box = jnp.where(rebuilt, kw["box"], ref_box)
-        return Neighbors(new, ref_box, self.cutoff)
+        return Neighbors(new, ref_box, self.cutoff, self.skin)
 
 
-def neighbor_list_fn(
-    system: System,
-    cutoff: float,
-    *,
-    skin: Optional[float] = None,
-    margin: Optional[float] = None,
-    capacity_multiplier: float = 1.25,
-) -> NeighborListFn:
+def _use_cell_list(system: System, radius: float) -> bool:
+    """Whether the build should use a cell list; refuses a hopeless box before allocating."""
+    from mdsens.md.potentials.base import perpendicular_widths
+
+    widths = perpendicular_widths(system.cell)
+    cells_per_dim = np.floor(widths / radius)
+    if np.any(cells_per_dim < 3):
+        return False  # jax-md would not use one either
+    n_cells = float(np.prod(cells_per_dim))
+    n = system.n_atoms
+    too_big = n_cells * (4 + 8 * system.dim) > CELL_LIST_MAX_BYTES
+    if not too_big and n_cells <= 64 * max(n, 1):
+        return True
+    if n <= DENSE_BUILD_MAX_ATOMS:
+        return False  # a mostly empty box: the O(N²) build is cheaper than the cells
+    raise NeighborListError(
+        f"a cell list for this box would have {n_cells:.3g} cells ({n_cells * (4 + 8 * system.dim) / 2**30:.3g} "
+        f"GiB or more) for {n} atoms: the box (perpendicular widths {np.array2string(widths, precision=4)}) "
+        f"is mostly empty for a list radius of {radius:.4g}. Remove the vacuum (a smaller cell), "
+        "make the system free (pbc=False) if it is a cluster, or use neighbor_list=False."
+    )
+
+
+def neighbor_list_fn(system: System, cutoff: float, *, skin: Optional[float] = None, margin: Optional[float] = None,
+                     capacity_multiplier: float = 1.25) -> NeighborListFn:
     """Neighbor-list functions for ``system`` and an interaction range ``cutoff`` (Å).
 
     Args:
       system: fixes N, dimension and boundary conditions (the cell is a call-time arg).
       cutoff: interaction range to cover; use ``pot.cutoff(params)``.
-      skin: motion allowance (Å); default ``0.1 * cutoff``.
-      margin: box-deformation allowance (Å); default ``0.5 * skin``.
-      capacity_multiplier: spare neighbor slots at allocation (jax-md's).
+      skin: motion allowance (Å, ``>= 0``); default ``0.1 * cutoff``.
+      margin: box-deformation allowance (Å, ``>= 0``); default ``0.5 * skin``.
+      capacity_multiplier: spare neighbor slots at allocation (jax-md's), ``>= 1``.
+
+    Raises:
+      NeighborListError: a non-positive cutoff, a negative skin or margin, or a box so
+        large and empty that its cell list cannot be built.
     """
     cutoff = float(cutoff)
     if not np.isfinite(cutoff) or cutoff <= 0:
         raise NeighborListError(f"neighbor-list cutoff must be positive and finite; got {cutoff}.")
     skin = DEFAULT_SKIN_FRACTION * cutoff if skin is None else float(skin)
     margin = DEFAULT_MARGIN_FRACTION * skin if margin is None else float(margin)
+    if not (np.isfinite(skin) and skin >= 0 and np.isfinite(margin) and margin >= 0):
+        raise NeighborListError(
+            f"skin and margin must be >= 0 (a list must reach at least the cutoff); got skin={skin}, "
+            f"margin={margin}."
+        )
+    if not capacity_multiplier >= 1:
+        raise NeighborListError(f"capacity_multiplier must be >= 1; got {capacity_multiplier}.")
     periodic = bool(system.pbc)
     if periodic:
         box0 = np.asarray(metric_box(system.cell))
+        cell_list = _use_cell_list(system, cutoff + margin + skin)
         displacement, _ = space.periodic_general(box0, fractional_coordinates=True)
-        fns = partition.neighbor_list(
-            displacement,
-            box0,
-            cutoff + margin,
-            dr_threshold=skin,
-            capacity_multiplier=capacity_multiplier,
-            fractional_coordinates=True,
-            format=partition.Dense,
-        )
+        fns = partition.neighbor_list(displacement, box0, cutoff + margin, dr_threshold=skin,
+                                      capacity_multiplier=capacity_multiplier, fractional_coordinates=True,
+                                      disable_cell_list=not cell_list, format=partition.Dense)
     else:
+        cell_list = False
         displacement, _ = space.free()
-        fns = partition.neighbor_list(
-            displacement,
-            1.0,
-            cutoff + margin,
-            dr_threshold=skin,
-            capacity_multiplier=capacity_multiplier,
-            disable_cell_list=True,
-            format=partition.Dense,
-        )
-    return NeighborListFn(
-        cutoff=cutoff,
-        skin=skin,
-        margin=margin,
-        periodic=periodic,
-        n_atoms=system.n_atoms,
-        capacity_multiplier=capacity_multiplier,
-        _fns=fns,
-    )
+        fns = partition.neighbor_list(displacement, 1.0, cutoff + margin, dr_threshold=skin,
+                                      capacity_multiplier=capacity_multiplier, disable_cell_list=True,
+                                      format=partition.Dense)
+    return NeighborListFn(cutoff=cutoff, skin=skin, margin=margin, periodic=periodic, n_atoms=system.n_atoms,
+                          capacity_multiplier=capacity_multiplier, cell_list=cell_list, _fns=fns)
 
 
-def refresh(
-    nl: Optional[NeighborListFn],
-    neighbors: Optional[Neighbors],
-    system: System,
-    cutoff: float,
-    **kwargs,
-):
+def refresh(nl: Optional[NeighborListFn], neighbors: Optional[Neighbors], system: System, cutoff: float,
+            **kwargs):
     """Host check: return ``(nl, neighbors)`` valid for ``system`` and range ``cutoff``.
 
-    * ``nl`` is ``None``, or covers less than ``cutoff`` (a parameter grew the range):
-      new functions for ``cutoff`` and a fresh list.
+    * ``nl`` is ``None``, covers less than ``cutoff`` (a parameter grew the range), or
+      was built for another layout: new functions and a fresh list.
     * The updated list overflowed (or its cells became too small): reallocated with
-      fresh capacity. Never truncated.
+      :func:`overflow_capacity` more slots. Never truncated.
     * Otherwise the list is updated (rebuilt if atoms or the box moved too much).
     """
-    if (
-        nl is None
-        or neighbors is None
-        or nl.cutoff < cutoff
-        or neighbors.cutoff < cutoff
-        or nl.n_atoms != system.n_atoms
-        or nl.periodic != bool(system.pbc)
-    ):
-        if nl is None or nl.cutoff < cutoff or nl.n_atoms != system.n_atoms or nl.periodic != bool(system.pbc):
-            nl = neighbor_list_fn(system, cutoff, **kwargs)
+    if nl is None or nl.cutoff < cutoff or nl.n_atoms != system.n_atoms or nl.periodic != bool(system.pbc):
+        nl = neighbor_list_fn(system, cutoff, **kwargs)
+        return nl, nl.allocate(system.positions, system.cell)
+    if neighbors is None or neighbors.cutoff < cutoff:
         return nl, nl.allocate(system.positions, system.cell)
     new = nl.update(system.positions, neighbors, system.cell)
     if new.needs_reallocation():
-        new = nl.allocate(system.positions, system.cell)
+        new = nl.allocate(system.positions, system.cell, extra_capacity=overflow_capacity(neighbors))
     return nl, new

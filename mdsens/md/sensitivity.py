@@ -56,7 +56,7 @@ import dataclasses
 import functools
 import io
 import json
-import warnings
+import re
 from typing import Callable, Optional
 
 import jax
@@ -64,9 +64,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mdsens.implicit import linear_solve as _ls
-from mdsens.implicit.root import LinearSolveError, LinearSolveWarning, root_jvp, root_vjp
-from mdsens.md import zero_modes as _zm
+from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
+from mdsens.implicit import linear_solve, root_jvp, root_vjp
+from mdsens.md.errors import StructureError, UnknownParameterError
+from mdsens.md.io import write_text_atomically
+from mdsens.md.options import as_stability
+from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.strain import deformation_gradient, voigt_names, voigt_strain_matrix
 
 __all__ = [
     "Sensitivity",
@@ -74,129 +78,14 @@ __all__ = [
     "make_sensitivity",
     "observable_gradient",
     "make_observable_gradient",
-    "NotConvergedError",
-    "STRICT_FMAX",
-    "voigt_names",
-    "voigt_strain_matrix",
-    "deformation_gradient",
+    "DEFAULT_TOL",
 ]
 
-#: Largest per-atom force (force units) that ``strict=True`` accepts.
-STRICT_FMAX = 1e-5
 #: Default relative tolerance of the implicit linear solves.
 DEFAULT_TOL = 1e-10
 
 
-class NotConvergedError(RuntimeError):
-    """``strict=True`` and the input structure is not relaxed to the required force."""
-
-
-# ------------------------------------------------------------------------ strain helpers
-def voigt_names(dim: int) -> tuple:
-    """Voigt component labels: ``(xx, yy, zz, yz, xz, xy)`` (3D) or ``(xx, yy, xy)`` (2D)."""
-    return ("xx", "yy", "zz", "yz", "xz", "xy") if dim == 3 else ("xx", "yy", "xy")
-
-
-def _voigt_pairs(dim):
-    return [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)] if dim == 3 else [(0, 0), (1, 1), (0, 1)]
-
-
-def voigt_strain_matrix(eps_voigt, dim: int):
-    """Symmetric strain tensor ``(d, d)`` from Voigt components with engineering shear.
-
-    ``ε_ab = ε_ba = γ_I / 2`` for a shear component ``I``; diagonal components as is.
-    """
-    eps = jnp.zeros((dim, dim), jnp.float64)
-    for I, (a, b) in enumerate(_voigt_pairs(dim)):
-        if a == b:
-            eps = eps.at[a, a].add(eps_voigt[I])
-        else:
-            eps = eps.at[a, b].add(0.5 * eps_voigt[I]).at[b, a].add(0.5 * eps_voigt[I])
-    return eps
-
-
-def deformation_gradient(eps_voigt, dim: int):
-    """``I + ε`` for Voigt strain components: the affine map applied to positions and
-    cell rows (``R (I+ε)``, ``cell (I+ε)``), i.e. strain at fixed fractional coordinates."""
-    return jnp.eye(dim, dtype=jnp.float64) + voigt_strain_matrix(eps_voigt, dim)
-
-
-# ------------------------------------------------------------------------ the problem
-@dataclasses.dataclass(frozen=True)
-class _Problem:
-    """Everything the derivatives need, all explicit (no hidden state)."""
-
-    system: object
-    params: dict
-    energy: Callable  # E(R, params, cell, neighbor)
-    neighbor: object
-    converged: Optional[bool]
-
-
-def _relaxation_neighbors(result, system, cutoff):
-    """The list a ``RelaxResult`` was confirmed with, if still valid for ``system``.
-
-    It was built at the relaxed positions; it serves only if the caller's system is that
-    very structure and the list covers ``cutoff`` (a parameter may have grown the range).
-    """
-    nb = getattr(result, "neighbor", None)
-    if nb is None or getattr(nb, "cutoff", 0.0) < cutoff or nb.idx.shape[0] != system.n_atoms:
-        return None
-    return nb if getattr(result, "system", None) is system else None
-
-
-class _ProblemBuilder:
-    """Turns ``(result, params, neighbor)`` into a :class:`_Problem` for one potential.
-
-    Reused by the ``make_*`` callables across calls: a fresh jax-md neighbor-list
-    function recompiles its allocation (0.5 s at N = 512, more than the derivative
-    itself), and a fresh energy closure recompiles everything jitted around it. So the
-    energy function is built once per system layout, and the neighbor-list function
-    once per interaction range (again only when a parameter grows the range).
-    """
-
-    def __init__(self, pot):
-        self.pot = pot
-        self._energy = {}
-        self._nl = None
-
-    def __call__(self, result, params, neighbor) -> _Problem:
-        system = getattr(result, "system", result)
-        if not hasattr(system, "positions"):
-            raise TypeError(
-                "sensitivity needs a RelaxResult (from ms.relax) or a System; got "
-                f"{type(result).__name__}."
-            )
-        pot = self.pot
-        params = pot.params if params is None else params
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), dict(params))
-        from mdsens.md import neighbors as _nb
-        from mdsens.md.potentials.base import Potential
-
-        if isinstance(pot, Potential):
-            params = pot.check(system, params)  # species, finite values, cutoff vs cell
-            use_nl = neighbor is not None or _nb.use_neighbor_list(system.n_atoms, pot.neighbor_list_min_atoms)
-            layout = (system.n_atoms, system.dim, system.pbc, system.symbols,
-                      tuple(np.asarray(system.species).tolist()), use_nl)
-            if layout not in self._energy:
-                self._energy[layout] = pot.energy_fn(system, neighbor_list=use_nl, params=params)
-            energy = self._energy[layout]
-            if use_nl and neighbor is None:
-                neighbor = _relaxation_neighbors(result, system, pot.cutoff(params))
-            if use_nl and neighbor is None:
-                nl = self._nl
-                if nl is None or nl.cutoff < pot.cutoff(params) or nl.n_atoms != system.n_atoms:
-                    nl = self._nl = pot.neighbor_list_fn(system, params)
-                neighbor = nl.allocate(system.positions, system.cell)
-            # Indices only: a fresh jax-md list's static metadata would recompile every call.
-            neighbor = _nb.indices_only(neighbor)
-        else:
-            # Any object with the Potential contract's `params` and `energy_fn(system)`.
-            energy = pot.energy_fn(system)
-        converged = getattr(result, "converged", None)
-        return _Problem(system, params, energy, neighbor, None if converged is None else bool(converged))
-
-
+# ------------------------------------------------------------------------ parameters
 def _param_labels(params: dict) -> tuple:
     """Labels in ``ravel_pytree`` order (dict keys sorted): ``sigma``, ``sigma[0,1]``..."""
     labels = []
@@ -210,27 +99,63 @@ def _param_labels(params: dict) -> tuple:
     return tuple(labels)
 
 
+def _split_names(text: str) -> list:
+    """``"sigma[0,1], epsilon"`` -> ``["sigma[0,1]", "epsilon"]``: commas inside brackets
+    belong to an element label."""
+    return [t.strip() for t in re.split(r",(?![^\[]*\])", text) if t.strip()]
+
+
 def _select(labels: tuple, wrt) -> np.ndarray:
     """Indices of the scalar parameters named by ``wrt`` (leaf names or element labels)."""
     if wrt == "params" or wrt is None:
         return np.arange(len(labels))
     if isinstance(wrt, str):
-        wrt = [w.strip() for w in wrt.split(",") if w.strip()]
+        wrt = _split_names(wrt)
     chosen = []
     for name in wrt:
+        name = str(name).replace(" ", "")
         hits = [i for i, lab in enumerate(labels) if lab == name or lab.split("[")[0] == name]
         if not hits:
             leaves = sorted({lab.split("[")[0] for lab in labels})
-            raise KeyError(
+            raise UnknownParameterError(
                 f"no parameter {name!r}; this potential has {leaves} (elements as "
                 f"{list(labels)}). Pass wrt='params', 'cell', or a list of those names."
             )
         chosen.extend(h for h in hits if h not in chosen)
+    if not chosen:
+        raise UnknownParameterError("wrt names no parameter; pass wrt='params', 'cell', or parameter names.")
     return np.asarray(chosen, dtype=int)
 
 
+def _directions(wrt: dict, params: dict):
+    """Named directions ``{name: params-like tangent}`` as flat ``(P, n)`` rows, checked."""
+    if not wrt:
+        raise OptionError("wrt={} names no direction; give {name: tangent} with a params-like tangent.")
+    rows = []
+    for name, tangent in wrt.items():
+        if not isinstance(tangent, dict) or set(tangent) != set(params):
+            got = sorted(tangent) if isinstance(tangent, dict) else type(tangent).__name__
+            raise OptionError(
+                f"direction {name!r} must be a dict with every parameter of the potential, "
+                f"{sorted(params)}; got {got}. Use zeros for the parameters that do not change."
+            )
+        for key, value in tangent.items():
+            if np.shape(value) != np.shape(params[key]):
+                raise OptionError(
+                    f"direction {name!r}: {key!r} must have the parameter's shape "
+                    f"{np.shape(params[key])}; got {np.shape(value)}."
+                )
+        flat = ravel_pytree({k: jnp.asarray(v, jnp.float64) for k, v in tangent.items()})[0]
+        if not bool(jnp.all(jnp.isfinite(flat))):
+            raise OptionError(f"direction {name!r} contains NaN or inf.")
+        rows.append(flat)
+    return tuple(wrt), jnp.stack(rows)
+
+
 def _default_solve(tol):
-    return functools.partial(_ls.cg, tol=tol)
+    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+        raise OptionError(f"tol must be a positive number (relative residual); got {tol!r}.")
+    return functools.partial(linear_solve.cg, tol=tol)
 
 
 # ------------------------------------------------------------------------ result
@@ -241,7 +166,7 @@ class Sensitivity:
     Flat arrays are indexed by parameter ``j`` in the order of ``names``.
 
     Attributes:
-      wrt: ``"params"`` or ``"cell"``.
+      wrt: ``"params"``, ``"cell"`` or ``"directions"`` (a dict of named directions).
       names: labels of the scalar parameters (``"sigma"``, ``"sigma[0,1]"``,
         ``"strain_xx"``...).
       values: their values at the relaxed state (strain: 0), ``(P,)``.
@@ -364,8 +289,7 @@ class Sensitivity:
         writer.writerows(rows)
         text = buf.getvalue()
         if path is not None:
-            with open(path, "w", newline="") as fh:
-                fh.write(text)
+            write_text_atomically(path, text)
         return text
 
     def to_dict(self, positions: bool = False) -> dict:
@@ -390,8 +314,7 @@ class Sensitivity:
         """:meth:`to_dict` as JSON text; written to ``path`` if given."""
         text = json.dumps(self.to_dict(positions), indent=2, allow_nan=True)
         if path is not None:
-            with open(path, "w") as fh:
-                fh.write(text)
+            write_text_atomically(path, text)
         return text
 
 
@@ -437,7 +360,7 @@ def _columns(F, R, theta, tangents, basis, solve):
 
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
-                            symmetric=True, return_info=True, on_solve_failure="ignore")
+                            symmetric=True, return_info=True, on_failure="ignore")
         b_of = lambda x: jax.jvp(lambda th: F(x, th), (theta,), (t,))[1]  # noqa: E731
         b, db = jax.jvp(b_of, (R,), (u_hat,))
         hvp = lambda x: jax.jvp(lambda y: F(y, theta), (x,), (dR,))[1]  # noqa: E731
@@ -448,72 +371,72 @@ def _columns(F, R, theta, tangents, basis, solve):
     return dR, info, b_norm, beta, gamma, g, g_norm
 
 
-def _null_basis(prob, check_stability, stability_options):
-    system = prob.system
-    if check_stability:
-        report = _zm.stability(prob.energy, system.positions, system.pbc,
-                               args=(prob.params, system.cell, prob.neighbor), **(stability_options or {}))
-        return report.basis, report.n_soft, report.lambda_min, report.lambda_max
-    rigid = _zm.rigid_modes(system.positions, system.pbc)
-    return rigid, 0, float("nan"), float("nan")
 
 
-def _check_strict(prob, fmax_now, strict, strict_fmax):
-    if not strict:
+def _report_solve(converged, relative, names, policy):
+    bad = [n for n, c in zip(names, np.atleast_1d(converged)) if not c]
+    if not bad:
         return
-    if prob.converged is False or not (fmax_now < strict_fmax):
-        raise NotConvergedError(
-            f"strict=True: the structure is not relaxed enough for a trustworthy derivative "
-            f"(max force {fmax_now:.3e} force units, threshold {strict_fmax:.1e}; relaxation "
-            f"converged={prob.converged}). The derivative error grows linearly with the force "
-            "residual (Theorem 1). Fix: relax again with a smaller fmax / larger max_steps, "
-            "or pass strict=False to get the derivative with its error estimate."
-        )
+    report(policy,
+           f"the implicit linear solve did not reach its tolerance for {bad} (worst relative "
+           f"residual {float(np.max(relative)):.3e}). Fixes: relax tighter (an unconverged "
+           "structure can have an indefinite Hessian), use solve=functools.partial("
+           "ms.linear_solve.minres, tol=...), or check for undeclared soft modes "
+           "(stability=True).",
+           LinearSolveError, LinearSolveWarning, stacklevel=4)
 
 
-def _report_solve(info_conv, info_rel, names, on_solve_failure):
-    bad = [n for n, c in zip(names, np.atleast_1d(info_conv)) if not c]
-    if not bad or on_solve_failure == "ignore":
-        return
-    worst = float(np.max(info_rel))
-    msg = (
-        f"the implicit linear solve did not reach its tolerance for {bad} (worst relative "
-        f"residual {worst:.3e}). Fixes: relax tighter (an unconverged structure can have an "
-        "indefinite Hessian), raise maxiter, use solve=functools.partial("
-        "ms.linear_solve.minres, tol=...), or check for undeclared soft modes."
-    )
-    if on_solve_failure == "raise":
-        raise LinearSolveError(msg)
-    warnings.warn(msg, LinearSolveWarning, stacklevel=3)
+class _Derivative:
+    """What ``make_sensitivity`` and ``make_observable_gradient`` share: the options, the
+    problem builder and the compiled functions keyed by layout."""
 
-
-class make_sensitivity:  # noqa: N801  (a function that returns a function, like make_relax)
-    """A reusable, compiled :func:`sensitivity` for systems shaped like ``system``.
-
-    ``sens_fn = make_sensitivity(pot, system, wrt=...)``; ``sens_fn(result, params=None)``
-    returns a :class:`Sensitivity`. The first call compiles (seconds on a CPU); later
-    calls with the same species layout and parameter shapes reuse the compiled solves,
-    so timing a second call measures the derivative itself. Options are those of
-    :func:`sensitivity`.
-    """
-
-    def __init__(self, pot, system, wrt="params", *, params=None, solve=None, tol=DEFAULT_TOL,
-                 strict=False, strict_fmax=STRICT_FMAX, check_stability=True,
-                 stability_options=None, on_solve_failure="raise"):
+    def __init__(self, pot, system, *, solve, tol, strict, strict_fmax, stability, neighbor_list, on_failure,
+                 needs_cell):
+        if needs_cell and not system.pbc:
+            raise OptionError("wrt='cell' needs a periodic system; this one is free (pbc=False).")
         self.pot = pot
         self.template = system
-        self.wrt = wrt
         self.solve = solve or _default_solve(tol)
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
-        self.check_stability = bool(check_stability)
-        self.stability_options = stability_options
-        self.on_solve_failure = on_solve_failure
-        if wrt == "cell" and not system.pbc:
-            raise ValueError("wrt='cell' needs a periodic system; this one is free (pbc=False).")
-        self._problem = _ProblemBuilder(pot)
+        self.stability = as_stability(stability)
+        self.on_failure = check_policy(on_failure)
+        self._problem = ProblemBuilder(pot, neighbor_list)
         self._compiled = {}
 
-    def _run(self, key, prob):
+    @staticmethod
+    def _key(prob, *extra):
+        s = prob.system
+        return (s.n_atoms, s.dim, s.pbc, tuple(np.asarray(s.species).tolist()),
+                tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None) + extra
+
+    def _checked(self, prob, F, theta, what):
+        """``(fmax, (basis, n_soft, λ_min, λ_max))``: the force check, then the null space."""
+        s = prob.system
+        g0 = F(s.positions, theta, s.cell, prob.neighbor, prob.params)
+        fmax_now = check_stationary(prob, g0, self.strict, self.strict_fmax, what)
+        return fmax_now, null_basis(prob, self.stability, fmax_now)
+
+
+class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a function)
+    """A reusable, compiled :func:`sensitivity` for systems shaped like ``system``.
+
+    ``sens_fn = make_sensitivity(pot, system, wrt=...)``; ``sens_fn(result, params=None,
+    neighbor=None)`` returns a :class:`Sensitivity`. The first call compiles; later calls
+    with the same layout and parameter shapes reuse the compiled solves. Options are
+    those of :func:`sensitivity`.
+    """
+
+    def __init__(self, pot, system, wrt="params", *, solve=None, tol=DEFAULT_TOL, strict=False,
+                 strict_fmax=STRICT_FMAX, stability=True, neighbor_list=None, on_failure="raise"):
+        super().__init__(pot, system, solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax,
+                         stability=stability, neighbor_list=neighbor_list, on_failure=on_failure,
+                         needs_cell=wrt == "cell")
+        if not (isinstance(wrt, (str, dict, list, tuple)) or wrt is None):
+            raise OptionError(f"wrt must be 'params', 'cell', parameter names or a dict of directions; got {wrt!r}.")
+        self.wrt = wrt
+
+    def _functions(self, prob, n_tangents):
+        key = self._key(prob, n_tangents)
         if key not in self._compiled:
             E_theta = _energy_of_theta(prob, self.wrt)
             F = jax.grad(E_theta)
@@ -528,52 +451,35 @@ class make_sensitivity:  # noqa: N801  (a function that returns a function, like
             self._compiled[key] = (jax.jit(F), jax.jit(run))
         return self._compiled[key]
 
-    def __call__(self, result, params=None, neighbor=None) -> Sensitivity:
-        prob = self._problem(result, params, neighbor)
-        system, params_ = prob.system, prob.params
-        R = system.positions
+    def _parameters(self, system, params):
+        """``(theta, tangents, names, values, indices, shapes)`` for ``self.wrt``."""
         wrt = self.wrt
         if wrt == "cell":
             nv = len(voigt_names(system.dim))
-            theta = jnp.zeros((nv,), jnp.float64)
-            tangents = jnp.eye(nv, dtype=jnp.float64)
-            names = tuple(f"strain_{n}" for n in voigt_names(system.dim))
-            values = np.zeros(nv)
-            idx = np.arange(nv)
-            shapes = {}
-        else:
-            labels = _param_labels(params_)
-            theta, _ = ravel_pytree(params_)
-            if isinstance(wrt, dict):
-                # named directions in parameter space: {label: params-like tangent}
-                names = tuple(wrt)
-                tangents = jnp.stack([ravel_pytree(jax.tree_util.tree_map(
-                    lambda x: jnp.asarray(x, jnp.float64), dict(t)))[0] for t in wrt.values()])
-                values = np.full(len(names), np.nan)
-                idx = np.arange(len(names))
-                shapes = {}
-            else:
-                idx = _select(labels, wrt)
-                tangents = jnp.eye(theta.size, dtype=jnp.float64)[idx]
-                names = tuple(labels[i] for i in idx)
-                values = np.asarray(theta)[idx]
-                shapes = {k: tuple(np.shape(v)) for k, v in params_.items()}
+            return (jnp.zeros((nv,), jnp.float64), jnp.eye(nv, dtype=jnp.float64),
+                    tuple(f"strain_{n}" for n in voigt_names(system.dim)), np.zeros(nv), np.arange(nv), {})
+        theta, _ = ravel_pytree(params)
+        if isinstance(wrt, dict):
+            names, tangents = _directions(wrt, params)
+            return theta, tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
+        labels = _param_labels(params)
+        idx = _select(labels, wrt)
+        return (theta, jnp.eye(theta.size, dtype=jnp.float64)[idx], tuple(labels[i] for i in idx),
+                np.asarray(theta)[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
 
-        # The compiled solve is keyed on everything that changes the traced program.
-        key = (system.n_atoms, system.dim, system.pbc, tuple(np.asarray(system.species).tolist()),
-               tuple((k, np.shape(v)) for k, v in sorted(params_.items())),
-               np.shape(tangents), prob.neighbor is None)
-        F, run = self._run(key, prob)
-        g0 = np.asarray(F(R, theta, system.cell, prob.neighbor, params_))
-        fmax_now = float(np.sqrt(np.max(np.sum(g0 * g0, axis=-1)))) if g0.size else 0.0
-        _check_strict(prob, fmax_now, self.strict, self.strict_fmax)
-        basis, n_soft, lam_min, lam_max = _null_basis(prob, self.check_stability, self.stability_options)
+    def __call__(self, result, params=None, neighbor=None) -> Sensitivity:
+        prob = self._problem(result, params, neighbor)
+        system, params_ = prob.system, prob.params
+        theta, tangents, names, values, idx, shapes = self._parameters(system, params_)
+        F, run = self._functions(prob, tangents.shape[0])
+        fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, F, theta, "a sensitivity")
+        R = system.positions
 
         (dR, info, b_norm, beta, gamma, g, g_norm), partial = run(
             R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_)
         dR = np.asarray(dR)
         rel = np.asarray(info.relative_residual)
-        _report_solve(np.asarray(info.converged), rel, names, self.on_solve_failure)
+        _report_solve(np.asarray(info.converged), rel, names, self.on_failure)
 
         g = np.asarray(g)
         partial = np.asarray(tangents) @ np.asarray(partial)
@@ -587,13 +493,13 @@ class make_sensitivity:  # noqa: N801  (a function that returns a function, like
             dist = float("nan")
 
         internal = None
-        if wrt == "cell":
+        if self.wrt == "cell":
             internal = dR
             E_I = np.stack([np.asarray(voigt_strain_matrix(t, system.dim)) for t in np.eye(len(names))])
             dR = dR + np.einsum("nd,pde->pne", np.asarray(R), E_I)
 
         return Sensitivity(
-            wrt="cell" if wrt == "cell" else ("directions" if isinstance(wrt, dict) else "params"),
+            wrt="cell" if self.wrt == "cell" else ("directions" if isinstance(self.wrt, dict) else "params"),
             names=names,
             values=np.asarray(values, dtype=np.float64),
             dpositions=dR,
@@ -617,95 +523,84 @@ class make_sensitivity:  # noqa: N801  (a function that returns a function, like
         )
 
 
-def sensitivity(
-    result,
-    pot,
-    wrt="params",
-    *,
-    params=None,
-    solve: Optional[Callable] = None,
-    tol: float = DEFAULT_TOL,
-    strict: bool = False,
-    strict_fmax: float = STRICT_FMAX,
-    check_stability: bool = True,
-    stability_options: Optional[dict] = None,
-    neighbor=None,
-    on_solve_failure: str = "raise",
-) -> Sensitivity:
+def sensitivity(result, pot, wrt="params", *, params=None, solve: Optional[Callable] = None,
+                tol: float = DEFAULT_TOL, strict: bool = False, strict_fmax: float = STRICT_FMAX,
+                stability=True, neighbor_list=None, neighbor=None, on_failure: str = "raise") -> Sensitivity:
     """Derivatives of a relaxed structure w.r.t. potential parameters or the cell.
 
     Args:
       result: a ``RelaxResult`` (from ``ms.relax``) or a relaxed ``System``.
-      pot: the potential it was relaxed with (``pot.params``, ``pot.energy_fn``).
+      pot: the potential it was relaxed with.
       wrt: ``"params"`` (every scalar in ``params``), a list of leaf names or element
         labels (``["sigma", "epsilon"]``, ``"sigma,epsilon"``, ``"sigma[0,1]"``),
         ``"cell"`` (Voigt strain components at fixed fractional coordinates), or a dict
-        ``{name: tangent}`` of directions in parameter space (each a params-like pytree,
+        ``{name: tangent}`` of directions in parameter space (each a params-like dict,
         e.g. the change of one particle diameter in a mixing-rule matrix).
       params: the parameters the structure was relaxed with (default ``pot.params``).
       solve: linear solver ``solve(matvec, b) -> (x, SolveInfo)``; default
-        ``ms.linear_solve.cg`` with ``tol``. The matrix is the Hessian deflated on its
-        zero modes (symmetric positive definite at a minimum).
+        ``ms.linear_solve.cg`` with ``tol`` (the deflated Hessian is positive definite).
       tol: relative residual tolerance of the default solver.
-      strict: refuse (:class:`NotConvergedError`) when the relaxation did not converge
-        or the largest per-atom force is not below ``strict_fmax``.
-      check_stability: compute the Hessian's low spectrum (dense or LOBPCG, see
-        :mod:`mdsens.md.zero_modes`): refuse saddles, add soft modes to the null space,
-        and give ``λ_min`` for the error estimate. ``False``: rigid modes only, faster,
-        error estimates NaN.
-      stability_options: keyword arguments for :func:`mdsens.md.zero_modes.stability`.
-      neighbor: a neighbor list to use (default: built fresh when the potential uses one).
-      on_solve_failure: ``"raise"`` (default), ``"warn"`` or ``"ignore"`` when a
-        linear solve misses its tolerance.
+      strict: refuse (:class:`~mdsens.NotConvergedError`) a structure whose relaxation
+        did not converge or whose largest force is not below ``strict_fmax``; without
+        it such a structure gets a :class:`~mdsens.NotConvergedWarning`.
+      stability: ``True`` (default) or :class:`~mdsens.StabilityOptions`: the Hessian's
+        low spectrum refuses saddles, adds soft modes to the null space and gives
+        ``λ_min`` for the error estimate. ``False``: rigid modes only, faster, error
+        estimates NaN.
+      neighbor_list: ``None`` (automatic), a bool or :class:`~mdsens.NeighborListOptions`.
+      neighbor: a neighbor list to use (checked: not overflowed, not stale); default the
+        relaxation's own while it covers the range, else a fresh one.
+      on_failure: a linear solve that misses ``tol``: ``"raise"`` (default), ``"warn"``
+        or ``"ignore"``.
 
     Returns:
-      :class:`Sensitivity`. Compiles on every call; use :class:`make_sensitivity` to
-      reuse the compiled solves across structures.
+      :class:`Sensitivity`. Compiles on every call; :class:`make_sensitivity` reuses the
+      compiled solves across structures and parameters.
 
     Raises:
-      SaddlePointError: negative curvature at the input (see ``zero_modes``).
+      SaddlePointError: negative curvature at the input.
       NotConvergedError: ``strict=True`` and not relaxed enough.
-      LinearSolveError: a solve missed its tolerance (``on_solve_failure="raise"``).
-      KeyError: an unknown parameter name in ``wrt``.
+      ResultMismatchError: the result was relaxed with another potential or parameters.
+      LinearSolveError: a solve missed its tolerance (``on_failure="raise"``).
+      UnknownParameterError: an unknown parameter name in ``wrt`` (a ``KeyError``).
     """
     system = getattr(result, "system", result)
-    fn = make_sensitivity(pot, system, wrt, solve=solve, tol=tol, strict=strict,
-                          strict_fmax=strict_fmax, check_stability=check_stability,
-                          stability_options=stability_options, on_solve_failure=on_solve_failure)
+    fn = make_sensitivity(pot, system, wrt, solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax,
+                          stability=stability, neighbor_list=neighbor_list, on_failure=on_failure)
     return fn(result, params=params, neighbor=neighbor)
 
 
-class make_observable_gradient:  # noqa: N801
+class make_observable_gradient(_Derivative):  # noqa: N801
     """A reusable, compiled :func:`observable_gradient` (compiles on the first call).
 
     ``grad_fn = make_observable_gradient(pot, system, observable, wrt=...)``;
-    ``grad_fn(result, params=None)``. Options are those of :func:`observable_gradient`.
+    ``grad_fn(result, params=None, neighbor=None)``. Options are those of
+    :func:`observable_gradient`.
     """
 
-    def __init__(self, pot, system, observable, *, wrt="params", solve=None, tol=DEFAULT_TOL,
-                 strict=False, strict_fmax=STRICT_FMAX, check_stability=True,
-                 stability_options=None, on_solve_failure="raise"):
+    def __init__(self, pot, system, observable, *, wrt="params", solve=None, tol=DEFAULT_TOL, strict=False,
+                 strict_fmax=STRICT_FMAX, stability=True, neighbor_list=None, on_failure="raise"):
         if wrt not in ("params", "cell"):
-            raise ValueError(f"wrt must be 'params' or 'cell'; got {wrt!r}.")
-        if wrt == "cell" and not system.pbc:
-            raise ValueError("wrt='cell' needs a periodic system; this one is free (pbc=False).")
-        self.pot, self.observable, self.wrt = pot, observable, wrt
-        self.solve = solve or _default_solve(tol)
-        self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
-        self.check_stability, self.stability_options = bool(check_stability), stability_options
-        self.on_solve_failure = on_solve_failure
-        self._problem = _ProblemBuilder(pot)
-        self._compiled = {}
+            raise OptionError(f"wrt must be 'params' or 'cell'; got {wrt!r}.")
+        if not callable(observable):
+            raise OptionError(f"observable must be a function O(positions, params, cell); got {observable!r}.")
+        super().__init__(pot, system, solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax,
+                         stability=stability, neighbor_list=neighbor_list, on_failure=on_failure,
+                         needs_cell=wrt == "cell")
+        self.observable, self.wrt = observable, wrt
 
-    def _build(self, prob):
+    def _functions(self, prob):
+        key = self._key(prob)
+        if key in self._compiled:
+            return self._compiled[key]
         system, observable = prob.system, self.observable
-        solve, policy = self.solve, self.on_solve_failure
+        solve, policy = self.solve, self.on_failure
         if self.wrt == "cell":
             dim = system.dim
 
             def O(U, eps_v, cell, params):
-                Fm = deformation_gradient(eps_v, dim)
-                return observable(U @ Fm, params, cell @ Fm)
+                D = deformation_gradient(eps_v, dim)
+                return observable(U @ D, params, cell @ D)
         else:
             _, unravel = ravel_pytree(prob.params)
 
@@ -719,78 +614,60 @@ class make_observable_gradient:  # noqa: N801
             gR, gth = jax.grad(O, argnums=(0, 1))(R, theta, cell, params)
             Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
             (cot,) = root_vjp(Fc, R, (theta,), gR, solve=solve, nullspace=lambda x, th: B,
-                              symmetric=True, on_solve_failure=policy)
+                              symmetric=True, on_failure=policy)
             return gth + cot
 
-        return jax.jit(F), grad_total
+        self._compiled[key] = (jax.jit(F), grad_total, O)
+        return self._compiled[key]
 
     def __call__(self, result, params=None, neighbor=None):
         prob = self._problem(result, params, neighbor)
-        system, params_ = prob.system, prob.params
-        R = system.positions
         if self.wrt == "cell":
-            theta = jnp.zeros((len(voigt_names(system.dim)),), jnp.float64)
-            unravel = None
+            theta, unravel = jnp.zeros((len(voigt_names(prob.system.dim)),), jnp.float64), None
         else:
-            theta, unravel = ravel_pytree(params_)
-        key = (system.n_atoms, system.dim, system.pbc, tuple(np.asarray(system.species).tolist()),
-               tuple((k, np.shape(v)) for k, v in sorted(params_.items())), prob.neighbor is None)
-        if key not in self._compiled:
-            self._compiled[key] = self._build(prob)
-        F, grad_total = self._compiled[key]
-        g0 = np.asarray(F(R, theta, system.cell, prob.neighbor, params_))
-        fmax_now = float(np.sqrt(np.max(np.sum(g0 * g0, axis=-1)))) if g0.size else 0.0
-        _check_strict(prob, fmax_now, self.strict, self.strict_fmax)
-        basis = _null_basis(prob, self.check_stability, self.stability_options)[0]
-        out = grad_total(R, theta, jnp.asarray(basis), system.cell, prob.neighbor, params_)
+            theta, unravel = ravel_pytree(prob.params)
+        F, grad_total, O = self._functions(prob)
+        _, (basis, *_) = self._checked(prob, F, theta, "an observable gradient")
+        s = prob.system
+        try:
+            value = jax.eval_shape(O, s.positions, theta, s.cell, prob.params)
+        except Exception as err:
+            raise OptionError(
+                f"the observable could not be evaluated as O(positions (N, d), params, cell): "
+                f"{type(err).__name__}: {err}"
+            ) from None
+        if value.shape != ():
+            raise OptionError(f"the observable must return a scalar; it returns shape {value.shape}.")
+        out = grad_total(s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params)
+        if not bool(jnp.all(jnp.isfinite(out))):
+            raise StructureError("the observable's gradient is NaN/inf at this structure; check the observable.")
         return np.asarray(out) if unravel is None else unravel(out)
 
 
-def observable_gradient(
-    result,
-    pot,
-    observable: Callable,
-    *,
-    wrt: str = "params",
-    params=None,
-    solve: Optional[Callable] = None,
-    tol: float = DEFAULT_TOL,
-    strict: bool = False,
-    strict_fmax: float = STRICT_FMAX,
-    check_stability: bool = True,
-    stability_options: Optional[dict] = None,
-    neighbor=None,
-    on_solve_failure: str = "raise",
-):
+def observable_gradient(result, pot, observable: Callable, *, wrt: str = "params", params=None,
+                        solve: Optional[Callable] = None, tol: float = DEFAULT_TOL, strict: bool = False,
+                        strict_fmax: float = STRICT_FMAX, stability=True, neighbor_list=None, neighbor=None,
+                        on_failure: str = "raise"):
     """Gradient of a scalar observable of the relaxed structure, in one (reverse) solve.
 
     ``d/dθ O(R*(θ), θ, cell) = ∂O/∂θ + (dR*/dθ)ᵀ ∂O/∂R`` with the second term from the
     core's :func:`~mdsens.implicit.root_vjp` (one transposed linear solve, whatever the
-    number of parameters), gauge-fixed exactly as :func:`sensitivity` (the part of
-    ``∂O/∂R`` along zero modes does not contribute).
+    number of parameters), gauge-fixed exactly as :func:`sensitivity`.
 
     Args:
-      result, pot, params, solve, tol, strict, strict_fmax, neighbor: as :func:`sensitivity`.
+      result, pot, params, solve, tol, strict, strict_fmax, stability, neighbor_list,
+        neighbor, on_failure: as :func:`sensitivity`. Keep ``stability`` on for
+        structures with rattlers: an observable that touches one otherwise breaks CG.
       observable: ``O(positions (N, d), params, cell) -> scalar`` (jax-traceable). For
         ``wrt="cell"`` it is called with the strained positions, params and strained cell.
-      wrt: ``"params"`` (returns a dict like params) or ``"cell"`` (returns the
-        ``(n_voigt,)`` derivative w.r.t. Voigt strain components at fixed fractional
-        coordinates, engineering shear).
-      check_stability: run the stability check first (default, as in
-        :func:`sensitivity`): saddles are refused and soft modes such as rattlers join the
-        null space. An observable that touches a rattler otherwise makes CG break down
-        (a clear ``LinearSolveError``, seen on a 512-particle packing). ``False`` declares
-        the rigid modes only, which is cheaper and safe for a structure without soft modes.
-      on_solve_failure: the core's policy for a solve that misses ``tol`` (``"raise"``:
-        an error carrying the core's message, ``"warn"``, ``"ignore"``).
+      wrt: ``"params"`` (returns a dict like params) or ``"cell"`` (the ``(n_voigt,)``
+        derivative w.r.t. Voigt strain at fixed fractional coordinates, engineering shear).
 
     Returns:
       ``dO/dparams`` (dict like params; units of O per parameter unit) or ``dO/dε``.
     """
     system = getattr(result, "system", result)
-    fn = make_observable_gradient(pot, system, observable, wrt=wrt, solve=solve, tol=tol,
-                                  strict=strict, strict_fmax=strict_fmax,
-                                  check_stability=check_stability,
-                                  stability_options=stability_options,
-                                  on_solve_failure=on_solve_failure)
+    fn = make_observable_gradient(pot, system, observable, wrt=wrt, solve=solve, tol=tol, strict=strict,
+                                  strict_fmax=strict_fmax, stability=stability, neighbor_list=neighbor_list,
+                                  on_failure=on_failure)
     return fn(result, params=params, neighbor=neighbor)

@@ -15,6 +15,7 @@ positions, cell and parameters are all the true ones.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax_md import space as jspace
 
 
@@ -37,3 +38,26 @@ def periodic_general_displacement(frac_a, frac_b, box):
 def free_displacement(ra, rb, box=None):
     """``R_a - R_b`` in free space (``box`` ignored), Å."""
     return jspace.pairwise_displacement(ra, rb)
+
+
+def fractional(positions, cell):
+    """Fractional coordinates ``positions @ inv(cell)`` (``cell`` rows are lattice vectors)."""
+    return jnp.linalg.solve(cell.T, positions.T).T
+
+
+def wrap_positions(positions, cell):
+    """``positions`` wrapped into the cell: fractional coordinates in ``[0, 1)``."""
+    frac = fractional(positions, cell)
+    return (frac - jnp.floor(frac)) @ cell
+
+
+def perpendicular_widths(cell) -> np.ndarray:
+    """Distances between opposite faces of the cell, ``(d,)`` (Å), on the host.
+
+    ``h_a = 1 / |b_a|`` with ``b_a`` the reciprocal vectors (columns of ``inv(cell)``).
+    Minimum image is exact for an interaction range ``r < min(h) / 2``: any vector
+    shorter than ``h_a / 2`` has fractional component ``|s_a| < 1/2``, so it is the
+    wrapped one, and no second image of the same atom lies within range.
+    """
+    inv = np.linalg.inv(np.asarray(cell, dtype=np.float64))
+    return 1.0 / np.linalg.norm(inv, axis=0)

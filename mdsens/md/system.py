@@ -1,6 +1,6 @@
 """`System`: an atomistic structure as a JAX pytree, and its conversion to and from ASE.
 
-Conventions (see DESIGN.md):
+Conventions (see ``docs/design.md``):
 
 * ``positions``: ``(N, d)`` Cartesian coordinates, Å (or reduced length units for
   reduced-unit models), float64.
@@ -9,7 +9,8 @@ Conventions (see DESIGN.md):
   transpose (``box = cell.T``) and fractional coordinates ``positions @ inv(cell)``.
 * ``species``: ``(N,)`` int32 indices into ``symbols``.
 * ``symbols``: tuple of species names (chemical symbols for ASE structures, or labels such
-  as ``("A", "B")`` for reduced-unit mixtures). Static: not a leaf.
+  as ``("A", "B")`` for reduced-unit mixtures; the default for species indices without
+  names). Static: not a leaf.
 * ``pbc``: ``True`` (periodic in every direction) or ``False`` (free). Mixed boundary
   conditions are refused with an error that says what to do.
 
@@ -26,9 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens.md.errors import StructureError
 
-class StructureError(ValueError):
-    """A structure that mdsens cannot use as given; the message says how to fix it."""
+
+def generic_symbols(n_species: int) -> tuple:
+    """Labels for species given by index only: ``("A", "B", ...)`` (``"S26"``... beyond Z)."""
+    return tuple(chr(ord("A") + k) if k < 26 else f"S{k}" for k in range(n_species))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -40,12 +44,13 @@ class System:
       positions: ``(N, d)`` Cartesian positions (Å), ``d`` in {2, 3}.
       cell: ``None`` (free space) or ``(d, d)`` lattice vectors as rows (Å).
       species: ``(N,)`` integer species indices into ``symbols``; default all zeros.
-      symbols: names of the species, e.g. ``("Ar",)`` or ``("A", "B")``.
+      symbols: names of the species, e.g. ``("Ar",)`` or ``("A", "B")``; default
+        ``("X",)`` for one species and ``("A", "B", ...)`` for several.
       pbc: ``True`` for fully periodic (requires a cell), ``False`` for free space.
 
     Raises:
-      StructureError: wrong shapes, a periodic system without a cell, a zero-volume cell,
-        NaN/inf coordinates, or species indices outside ``symbols``.
+      StructureError: no atoms, wrong shapes, a periodic system without a cell, a
+        zero-volume cell, NaN/inf coordinates, or species indices outside ``symbols``.
     """
 
     positions: jnp.ndarray
@@ -63,6 +68,8 @@ class System:
                 f"positions must have shape (N, 2) or (N, 3); got {positions.shape}."
             )
         n, dim = positions.shape
+        if n == 0:
+            raise StructureError("a system needs at least one atom; positions has shape (0, d).")
         object.__setattr__(self, "positions", positions)
 
         pbc = self.pbc
@@ -116,6 +123,9 @@ class System:
         object.__setattr__(self, "species", species)
 
         symbols = tuple(str(s) for s in self.symbols)
+        if (symbols == ("X",) and not isinstance(species, jax.core.Tracer) and n
+                and int(np.max(species)) >= 1):
+            symbols = generic_symbols(int(np.max(species)) + 1)
         object.__setattr__(self, "symbols", symbols)
         if not isinstance(species, jax.core.Tracer) and n and (
             species.min() < 0 or species.max() >= len(symbols)
@@ -181,13 +191,6 @@ class System:
     def replace(self, **changes) -> "System":
         """A copy with some fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
-
-    def wrapped(self) -> "System":
-        """The same structure with periodic positions wrapped into the cell."""
-        if not self.pbc:
-            return self
-        frac = self.fractional_positions
-        return self.replace(positions=(frac - jnp.floor(frac)) @ self.cell)
 
     # -- ASE interoperability ---------------------------------------------------------
     @classmethod

@@ -4,13 +4,8 @@ Every potential holds differentiable parameters in ``pot.params`` (dict of float
 arrays) and returns pure energy functions ``E(positions, params, cell, neighbor=None)``.
 """
 
-from mdsens.md.potentials.base import (
-    CutoffError,
-    ParameterError,
-    Potential,
-    PotentialError,
-    SpeciesError,
-)
+from mdsens.md.errors import CutoffError, ParameterError, PotentialError, SpeciesError
+from mdsens.md.potentials.base import Potential
 from mdsens.md.potentials.lennard_jones import LennardJones
 from mdsens.md.potentials.morse import Morse
 from mdsens.md.potentials.soft_sphere import SoftSphere

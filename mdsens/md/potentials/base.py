@@ -3,51 +3,28 @@
 A potential is a *description* (hyper-parameters, species it knows, default parameters);
 the numbers that can be differentiated live in ``pot.params``, a dict pytree of float64
 arrays, and are passed at call time. Nothing is cached on the object: the functions it
-returns are pure and jit-able, in the jax-md style.
-
-The central method is :meth:`Potential.energy_fn`, which returns
+returns are pure and jit-able, in the jax-md style. The central method is
+:meth:`Potential.energy_fn`, which returns
 
     E(positions, params, cell, neighbor=None) -> scalar energy (eV)
 
-* ``positions``: ``(N, d)`` **Cartesian** (Å).
-* ``params``: a pytree shaped like ``pot.params``.
+* ``positions``: ``(N, d)`` **Cartesian** (Å); ``params``: a pytree like ``pot.params``;
 * ``cell``: ``(d, d)`` lattice rows (Å) for periodic systems, ``None`` for free ones.
-  Internally the energy is evaluated on fractional coordinates
-  ``positions @ inv(cell)`` with jax-md ``periodic_general(cell.T,
-  fractional_coordinates=True)``, the box passed at call time, so
-  ``E(positions @ (I + eps), params, cell @ (I + eps))`` is the energy of the affinely
-  strained structure and derivatives w.r.t. ``cell`` are box derivatives; stress and
-  elastic constants come from there.
-* ``neighbor``: a :class:`mdsens.md.neighbors.Neighbors` from
-  :meth:`Potential.neighbor_list`, or ``None`` for the dense all-pairs path.
+  Pair vectors are minimum-image displacements of the fractional coordinates
+  ``positions @ inv(cell)`` (:mod:`mdsens.md.space`, not jax-md's ``periodic_general``),
+  so ``E(R (I + ε), params, cell (I + ε))`` is the affinely strained energy and
+  derivatives w.r.t. ``cell`` are box derivatives (stress, elastic constants);
+* ``neighbor``: a :class:`mdsens.md.neighbors.Neighbors` (or its indices), or ``None``
+  for the dense all-pairs path. From ``pot.neighbor_list_min_atoms`` atoms the function
+  *requires* one (see :mod:`mdsens.md.neighbors`).
 
 Everything is differentiable w.r.t. ``positions``, ``params`` and ``cell``.
 
-Neighbor lists (see :mod:`mdsens.md.neighbors`)
------------------------------------------------
-Systems with ``N >= pot.neighbor_list_min_atoms`` atoms (500 for pair potentials, 128
-for Tersoff and 32 for Stillinger–Weber, whose dense paths are O(N³)) use neighbor lists
-automatically; the energy function then *requires* a ``neighbor`` argument (calling it
-without one raises instead of silently building an O(N²) dense problem)::
-
-    E = pot.energy_fn(system)                      # auto: list if N >= neighbor_list_min_atoms
-    nl = pot.neighbor_list_fn(system, params)      # NeighborListFn, cutoff = pot.cutoff(params)
-    nbrs = nl.allocate(positions, cell)            # host
-    nbrs = nl.update(positions, nbrs, cell)        # pure, jit-able (e.g. every relax step)
-    nl, nbrs = pot.refresh_neighbor_list(system, nbrs, nl, params)   # host, after each chunk:
-        # reallocates on overflow, on a cutoff that grew past the list's, or a box change
-    E(positions, params, cell, nbrs)
-
-The list only decides *which* pairs interact (jax-md builds it in float32 with the box
-gradient stopped); energies always use the float64 ``cell`` passed to ``E``.
-
-Failure modes (all subclasses of :class:`PotentialError`, a ``ValueError``):
-
-* :class:`SpeciesError`: the system has a species the potential has no parameters for.
-* :class:`CutoffError`: the cutoff is not smaller than half the perpendicular width of
-  the periodic cell (minimum image would miss periodic images); the message gives the
-  ``atoms.repeat(...)`` that fixes it.
-* :class:`ParameterError`: NaN/inf, wrongly shaped or unknown parameters.
+One validation path: :meth:`Potential.check` (species, dimension, finite values in
+their physical range, cutoff against the cell) runs for the constructor's parameters and
+for every ``params=`` passed later. Failures are :class:`~mdsens.PotentialError`
+subclasses: :class:`~mdsens.SpeciesError`, :class:`~mdsens.CutoffError` (the message
+gives the ``atoms.repeat(...)`` that fixes it), :class:`~mdsens.ParameterError`.
 """
 
 from __future__ import annotations
@@ -59,25 +36,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import space
 
-from mdsens.md import neighbors as _nb
-from mdsens.md.space import free_displacement, periodic_general_displacement
+from mdsens._config import require_x64
+from mdsens.md import neighbors
+from mdsens.md.errors import CutoffError, ParameterError, PotentialError, SpeciesError
+from mdsens.md.space import free_displacement, perpendicular_widths, periodic_general_displacement
+from mdsens.md.strain import stress_from_energy
 from mdsens.md.system import System
 
-
-class PotentialError(ValueError):
-    """A potential cannot be used as asked; the message names the problem and the fix."""
-
-
-class SpeciesError(PotentialError):
-    """The system contains species the potential has no parameters for."""
-
-
-class CutoffError(PotentialError):
-    """The interaction range is too long for the periodic cell (minimum image fails)."""
-
-
-class ParameterError(PotentialError):
-    """Parameters are NaN/inf, wrongly shaped, or not the ones the potential expects."""
+__all__ = [
+    "Potential",
+    "as_float64_tree",
+    "check_finite_params",
+    "check_cutoff_fits_cell",
+    "safe_norm",
+    "pair_table",
+]
 
 
 def as_float64_tree(params: dict) -> dict:
@@ -98,18 +71,6 @@ def check_finite_params(params: dict, name: str = "potential") -> None:
                 "Pass finite values (a NaN usually comes from a failed fit or a bad "
                 "gradient step upstream)."
             )
-
-
-def perpendicular_widths(cell) -> np.ndarray:
-    """Distances between opposite faces of the cell, ``(d,)`` (Å), on the host.
-
-    ``h_a = 1 / |b_a|`` with ``b_a`` the reciprocal vectors (columns of ``inv(cell)``).
-    Minimum image is exact for an interaction range ``r < min(h) / 2``: any vector
-    shorter than ``h_a / 2`` has fractional component ``|s_a| < 1/2``, so it is the
-    wrapped one, and no second image of the same atom lies within range.
-    """
-    inv = np.linalg.inv(np.asarray(cell, dtype=np.float64))
-    return 1.0 / np.linalg.norm(inv, axis=0)
 
 
 def check_cutoff_fits_cell(cutoff: float, system: System, name: str = "potential") -> None:
@@ -156,7 +117,13 @@ class Potential:
     name: str = "potential"
     #: the automatic dense/neighbor-list switch: neighbor lists when N >= this.
     #: Potentials whose dense path is O(N³) (Tersoff) lower it.
-    neighbor_list_min_atoms: int = _nb.NEIGHBOR_LIST_MIN_ATOMS
+    neighbor_list_min_atoms: int = neighbors.NEIGHBOR_LIST_MIN_ATOMS
+    #: the dimensions the potential is defined in (three-body forms: 3D only).
+    dims: tuple = (2, 3)
+    #: ``{param: (lower, upper, strict)}``: the physical range of each parameter's values
+    #: (``None`` bounds are open; ``strict`` excludes the bounds), checked on every
+    #: concrete ``params``. Subclasses extend it; :meth:`_check_values` adds relations.
+    ranges: dict = {}
 
     # -- hooks ------------------------------------------------------------------------
     def cutoff(self, params=None) -> float:
@@ -180,7 +147,31 @@ class Potential:
                     f"got {v.shape}."
                 )
         check_finite_params(params, self.name)
+        if all(_is_concrete(v) for v in params.values()):
+            self._check_ranges(params)
+            self._check_values(params)
         return params
+
+    def _check_ranges(self, params: dict) -> None:
+        for key, (low, high, strict) in self.ranges.items():
+            if key not in params:
+                continue
+            v = np.asarray(params[key])
+            bad = np.zeros(v.shape, bool)
+            if low is not None:
+                bad |= (v <= low) if strict else (v < low)
+            if high is not None:
+                bad |= (v >= high) if strict else (v > high)
+            if np.any(bad):
+                lo = "" if low is None else f"{low} {'<' if strict else '<='} "
+                hi = "" if high is None else f" {'<' if strict else '<='} {high}"
+                raise ParameterError(
+                    f"{self.name} parameter {key!r} = {v.tolist()} is outside its physical range "
+                    f"({lo}{key}{hi}). A sign error or a bad fitting step upstream is the usual cause."
+                )
+
+    def _check_values(self, params: dict) -> None:
+        """Relations between parameters (e.g. ``r_onset < r_cutoff``); subclasses extend."""
 
     # -- species ----------------------------------------------------------------------
     def species_indices(self, system: System) -> np.ndarray:
@@ -217,9 +208,16 @@ class Potential:
         """Validate ``params`` (default ``self.params``) for ``system`` on the host.
 
         Returns the float64 parameters. Raises :class:`SpeciesError`,
-        :class:`CutoffError` or :class:`ParameterError` (see module docstring).
+        :class:`CutoffError`, :class:`ParameterError`, or :class:`PotentialError` for a
+        dimension the potential is not defined in.
         """
         params = self.params if params is None else params
+        if system.dim not in self.dims:
+            raise PotentialError(
+                f"{self.name} is defined in {' or '.join(f'{d}D' for d in self.dims)}; this system is "
+                f"{system.dim}D. Use a potential defined in {system.dim}D (pair potentials: "
+                "LennardJones, Morse, SoftSphere), or embed the structure in 3D."
+            )
         params = self._validate_params(params)
         self.species_indices(system)
         if all(_is_concrete(v) for v in params.values()):
@@ -236,7 +234,7 @@ class Potential:
           system: fixes the species, boundary conditions and dimension (positions and
             cell are call-time arguments).
           neighbor_list: ``None`` chooses automatically (neighbor lists when
-            ``N >= neighbors.NEIGHBOR_LIST_MIN_ATOMS``); ``True``/``False`` forces.
+            ``N >= self.neighbor_list_min_atoms``); ``True``/``False`` forces.
             In neighbor-list mode ``E`` requires ``neighbor`` (from
             :meth:`neighbor_list`); in dense mode ``neighbor=None`` means all pairs
             (a ``neighbor`` is still honoured if given).
@@ -245,14 +243,16 @@ class Potential:
 
         Returns:
           ``E(positions (N, d) Å, params, cell (d, d) Å or None, neighbor=None) -> eV``.
-          Pure and jit-able; differentiable in positions, params and cell.
+          Pure and jit-able; differentiable in positions, params and cell. A neighbor
+          list that overflowed is refused (concrete) or gives NaN (inside ``jit``).
         """
+        require_x64(f"{self.name} energies")
         self.check(system, params)
         species = self.species_indices(system)
         species_j_pad = np.concatenate([species, species[:1]])  # padding index N -> any
         n = system.n_atoms
         use_nl = (
-            _nb.use_neighbor_list(n, self.neighbor_list_min_atoms)
+            neighbors.use_neighbor_list(n, self.neighbor_list_min_atoms)
             if neighbor_list is None
             else bool(neighbor_list)
         )
@@ -269,7 +269,7 @@ class Potential:
             positions = jnp.asarray(positions, jnp.float64)
             if periodic:
                 if cell is None:
-                    raise ValueError(f"{name}: this system is periodic; pass its cell (d, d).")
+                    raise PotentialError(f"{name}: this system is periodic; pass its cell (d, d).")
                 cell = jnp.asarray(cell, jnp.float64)
                 # Fractional coordinates from the float64 cell given now: box derivatives
                 # (stress) flow through `cell`, and jax-md wraps by minimum image.
@@ -288,7 +288,7 @@ class Potential:
 
             if neighbor is None:
                 if use_nl:
-                    raise ValueError(
+                    raise PotentialError(
                         f"{name}: this energy function was built for neighbor lists "
                         f"(N={n}); pass "
                         "neighbor=pot.neighbor_list(system, params), or build it with "
@@ -298,7 +298,8 @@ class Potential:
                 mask = jnp.asarray(off_diagonal)
                 sj = jnp.broadcast_to(jnp.asarray(species)[None, :], (n, n))
             else:
-                idx = _nb.neighbor_idx(neighbor)
+                neighbors.refuse_overflowed(neighbor, f"the {name} energy")
+                idx = neighbors.neighbor_idx(neighbor)
                 # jnp.take, not x[idx]: same values, but the gradient of the 2-D-index
                 # gather form lowers to a scatter that XLA's CPU backend runs ~10x
                 # slower (36 ms vs 2.4 ms per LJ gradient at N = 863).
@@ -306,7 +307,11 @@ class Potential:
                 dR = space.map_neighbor(d)(x, neighbors_x)
                 mask = (idx < n) & (idx != jnp.arange(n)[:, None])
                 sj = jnp.asarray(species_j_pad)[idx]
-            return local_energy(params, dR, mask, jnp.asarray(species), sj)
+            e = local_energy(params, dR, mask, jnp.asarray(species), sj)
+            if neighbor is not None:
+                # Inside jit the flag is traced: a truncated list gives NaN, never a number.
+                e = jnp.where(neighbors.overflow_flag(neighbor), jnp.nan, e)
+            return e
 
         return energy
 
@@ -315,42 +320,36 @@ class Potential:
         return as_float64_tree(params)
 
     # -- neighbor lists -----------------------------------------------------------------
-    def neighbor_list_fn(self, system: System, params=None, **kwargs) -> "_nb.NeighborListFn":
+    def neighbor_list_fn(self, system: System, params=None, **kwargs) -> "neighbors.NeighborListFn":
         """A :class:`mdsens.md.neighbors.NeighborListFn` covering ``self.cutoff(params)``.
 
         ``kwargs`` go to :func:`mdsens.md.neighbors.neighbor_list_fn` (``skin``,
         ``capacity_multiplier``).
         """
         params = self.check(system, params)
-        return _nb.neighbor_list_fn(system, self.cutoff(params), **kwargs)
+        return neighbors.neighbor_list_fn(system, self.cutoff(params), **kwargs)
 
-    def neighbor_list(self, system: System, params=None, **kwargs) -> "_nb.Neighbors":
+    def neighbor_list(self, system: System, params=None, **kwargs) -> "neighbors.Neighbors":
         """An allocated, checked neighbor list for ``system`` (host)."""
         nl = self.neighbor_list_fn(system, params, **kwargs)
         return nl.allocate(system.positions, system.cell)
-
-    def refresh_neighbor_list(self, system: System, neighbor, nl=None, params=None, **kwargs):
-        """Host check after a jitted chunk: ``(nl, neighbor)`` valid for ``system``/``params``.
-
-        Reallocates (never truncates) when the list overflowed, when ``self.cutoff(params)``
-        exceeds the range the list was built for, or when the box changed beyond what
-        the list's margin covers; otherwise updates it. ``nl`` defaults to a fresh
-        :meth:`neighbor_list_fn`.
-        """
-        params = self.check(system, params)
-        return _nb.refresh(
-            nl, neighbor, system, self.cutoff(params), **kwargs
-        )
 
     # -- host-level wrappers (not for use inside jit) -------------------------------------
     def _evaluate(self, system: System, params, what):
         """Run ``what(E, R, p, C, nbrs)`` under one ``jax.jit`` (host wrappers)."""
         params = self.check(system, params)
-        use_nl = _nb.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms)
+        use_nl = neighbors.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms)
         E = self.energy_fn(system, neighbor_list=use_nl, params=params)
         nbrs = self.neighbor_list(system, params) if use_nl else None
         fn = jax.jit(lambda R, p, C, nb: what(E, R, p, C, nb))
-        return fn(system.positions, params, system.cell, nbrs)
+        out = fn(system.positions, params, system.cell, nbrs)
+        if not bool(np.all(np.isfinite(np.asarray(out)))):
+            raise PotentialError(
+                f"{self.name} gives a NaN/inf energy or force for {system!r}. Usual causes: two "
+                "atoms at (nearly) the same position (check the shortest distance), or "
+                "parameters outside the potential's range."
+            )
+        return out
 
     def energy(self, system: System, params=None):
         """Potential energy of ``system`` (eV), float64 scalar."""
@@ -375,61 +374,6 @@ class Potential:
                 "stress needs a periodic system with a cell; this one is free (pbc=False)."
             )
         return self._evaluate(system, params, lambda E, R, p, C, nb: stress_from_energy(E, R, p, C, nb))
-
-
-def strain_energy_fn(E, positions, params, cell, neighbor=None):
-    """``e(ε) = E(R (I+ε_s), p, cell (I+ε_s))``, ``ε_s = (ε + εᵀ)/2``: ``(d, d) -> eV``.
-
-    The affine strain at fixed fractional coordinates; ``de/dε`` at 0 is ``V σ`` (ASE
-    sign), its second derivative the clamped-ion elastic tensor times V.
-    """
-    dim = positions.shape[1]
-    eye = jnp.eye(dim, dtype=jnp.float64)
-
-    def e(eps):
-        F = eye + 0.5 * (eps + eps.T)
-        return E(positions @ F, params, cell @ F, neighbor)
-
-    return e
-
-
-def stress_from_energy(E, positions, params, cell, neighbor=None):
-    """Voigt stress (ASE sign, eV/Å³; 2D: (xx, yy, xy)) of an mdsens energy function."""
-    e = strain_energy_fn(E, positions, params, cell, neighbor)
-    dim = positions.shape[1]
-    sigma = jax.grad(e)(jnp.zeros((dim, dim), jnp.float64)) / jnp.abs(jnp.linalg.det(cell))
-    return full_to_voigt(sigma)
-
-
-def energy_forces_stress(E, positions, params, cell=None, neighbor=None):
-    """``(energy, forces, stress)`` of an mdsens energy function from one gradient pass.
-
-    ``d/dR`` and ``d/dε`` of the affinely strained energy at ``ε = 0`` are ``∇E`` and
-    ``V σ``. Stress in ASE's sign and Voigt order (eV/Å³; 2D: (xx, yy, xy) in eV/Å²);
-    ``None`` for a free system. Differentiable, jit-able.
-    """
-    if cell is None:
-        energy, grad = jax.value_and_grad(E)(positions, params, cell, neighbor)
-        return energy, -grad, None
-    dim = positions.shape[1]
-    eye = jnp.eye(dim, dtype=jnp.float64)
-
-    def strained(R, eps):
-        F = eye + 0.5 * (eps + eps.T)
-        return E(R @ F, params, cell @ F, neighbor)
-
-    zero = jnp.zeros((dim, dim), jnp.float64)
-    energy, (grad, dstrain) = jax.value_and_grad(strained, argnums=(0, 1))(positions, zero)
-    return energy, -grad, full_to_voigt(dstrain / jnp.abs(jnp.linalg.det(cell)))
-
-
-def full_to_voigt(sigma):
-    """(3, 3) -> (xx, yy, zz, yz, xz, xy); (2, 2) -> (xx, yy, xy)."""
-    if sigma.shape == (3, 3):
-        return jnp.stack(
-            [sigma[0, 0], sigma[1, 1], sigma[2, 2], sigma[1, 2], sigma[0, 2], sigma[0, 1]]
-        )
-    return jnp.stack([sigma[0, 0], sigma[1, 1], sigma[0, 1]])
 
 
 def safe_norm(dR, mask, fill=1.0):

@@ -60,6 +60,8 @@ class LennardJones(PairPotential):
 
     pair_keys = ("sigma", "epsilon")
     name = "LennardJones"
+    ranges = {"sigma": (0.0, None, True), "epsilon": (0.0, None, True), "r_cutoff": (0.0, None, True),
+              "r_onset": (0.0, None, False)}
 
     def __init__(
         self,
@@ -76,8 +78,6 @@ class LennardJones(PairPotential):
             {"sigma": "arithmetic", "epsilon": "geometric"},
             symbols,
         )
-        if np.any(np.asarray(params["sigma"]) <= 0):
-            raise ParameterError(f"LennardJones: sigma must be positive; got {params['sigma']}.")
         if r_cutoff is None and r_onset is not None:
             # ASE: rc defaults to 3σ (a number fixed at construction), ro given.
             r_cutoff = DEFAULT_CUTOFF_OVER_SIGMA * float(np.max(params["sigma"]))
@@ -85,15 +85,17 @@ class LennardJones(PairPotential):
         if not self.tied_cutoff:
             if r_onset is None:
                 r_onset = DEFAULT_ONSET_OVER_CUTOFF * float(r_cutoff)
-            if not (0.0 <= float(r_onset) < float(r_cutoff)):
-                raise ParameterError(
-                    f"LennardJones: need 0 <= r_onset < r_cutoff; got r_onset={r_onset}, "
-                    f"r_cutoff={r_cutoff}."
-                )
             params["r_cutoff"] = jnp.asarray(float(r_cutoff), jnp.float64)
             params["r_onset"] = jnp.asarray(float(r_onset), jnp.float64)
         self.params = params
         self._validate_params(params)
+
+    def _check_values(self, params):
+        if not self.tied_cutoff and not float(params["r_onset"]) < float(params["r_cutoff"]):
+            raise ParameterError(
+                f"LennardJones: need 0 <= r_onset < r_cutoff; got r_onset={float(params['r_onset'])}, "
+                f"r_cutoff={float(params['r_cutoff'])}."
+            )
 
     def _cutoffs(self, sigma_ij, params):
         if self.tied_cutoff:

@@ -47,6 +47,8 @@ class Morse(PairPotential):
 
     pair_keys = ("epsilon", "r0", "rho0")
     name = "Morse"
+    ranges = {"epsilon": (0.0, None, True), "r0": (0.0, None, True), "rho0": (0.0, None, True),
+              "rcut1": (0.0, None, True)}
 
     def __init__(self, epsilon=1.0, r0=1.0, rho0=6.0, rcut1=1.9, rcut2=2.7, *, symbols=None):
         params, self.symbols, self.n_species = resolve_species_params(
@@ -55,14 +57,17 @@ class Morse(PairPotential):
             {"epsilon": "geometric", "r0": "arithmetic", "rho0": "arithmetic"},
             symbols,
         )
-        if np.any(np.asarray(params["r0"]) <= 0):
-            raise ParameterError(f"Morse: r0 must be positive; got {params['r0']}.")
-        if not (0.0 < float(rcut1) < float(rcut2)):
-            raise ParameterError(f"Morse: need 0 < rcut1 < rcut2; got rcut1={rcut1}, rcut2={rcut2}.")
         params["rcut1"] = jnp.asarray(float(rcut1), jnp.float64)
         params["rcut2"] = jnp.asarray(float(rcut2), jnp.float64)
         self.params = params
         self._validate_params(params)
+
+    def _check_values(self, params):
+        if not float(params["rcut1"]) < float(params["rcut2"]):
+            raise ParameterError(
+                f"Morse: need 0 < rcut1 < rcut2; got rcut1={float(params['rcut1'])}, "
+                f"rcut2={float(params['rcut2'])}."
+            )
 
     def cutoff(self, params=None) -> float:
         params = self.params if params is None else params

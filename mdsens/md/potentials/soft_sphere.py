@@ -25,7 +25,7 @@ class SoftSphere(PairPotential):
         σ_ij = (σ_i + σ_j)/2). Default 1.0.
       epsilon: energy scale ε: scalar, matrix or ``{symbol: ε}`` (geometric mean).
         Default 1.0.
-      alpha: stiffness exponent α (> 1 for continuous forces): scalar or matrix.
+      alpha: stiffness exponent α (> 1, for continuous forces): scalar or matrix.
         Default 2.0.
       symbols: species names for matrix parameters; default species by index.
 
@@ -34,6 +34,8 @@ class SoftSphere(PairPotential):
 
     pair_keys = ("sigma", "epsilon", "alpha")
     name = "SoftSphere"
+    # α > 1: the force is continuous at contact (α = 1 is a step in the force).
+    ranges = {"sigma": (0.0, None, True), "epsilon": (0.0, None, True), "alpha": (1.0, None, True)}
 
     def __init__(self, sigma=1.0, epsilon=1.0, alpha=2.0, *, symbols=None):
         self.params, self.symbols, self.n_species = resolve_species_params(
@@ -42,8 +44,6 @@ class SoftSphere(PairPotential):
             {"sigma": "arithmetic", "epsilon": "geometric", "alpha": "arithmetic"},
             symbols,
         )
-        if np.any(np.asarray(self.params["sigma"]) <= 0):
-            raise ParameterError(f"SoftSphere: sigma must be positive; got {self.params['sigma']}.")
         self._validate_params(self.params)
 
     def cutoff(self, params=None) -> float:

@@ -59,6 +59,9 @@ class StillingerWeber(Potential):
     # The dense three-body sum runs over all (N, N, N) triplets. Measured (2-core CPU,
     # FIRE on Si): lists win from ~30 atoms (1.3x at 45, 1.6x at 63, 7x at 215 atoms).
     neighbor_list_min_atoms = 32
+    dims = (3,)
+    ranges = {"epsilon": (0.0, None, True), "sigma": (0.0, None, True), "a": (0.0, None, True),
+              "lam": (0.0, None, False), "gamma": (0.0, None, False)}
 
     def __init__(
         self,
@@ -85,8 +88,6 @@ class StillingerWeber(Potential):
         if self.symbols is not None and len(self.symbols) != 1:
             raise ParameterError(f"StillingerWeber is single-species; got symbols={self.symbols}.")
         self.n_species = 1
-        if float(self.params["sigma"]) <= 0 or float(self.params["a"]) <= 0:
-            raise ParameterError("StillingerWeber: sigma and a must be positive.")
         self._validate_params(self.params)
 
     def cutoff(self, params=None) -> float:

@@ -13,7 +13,7 @@ three-body terms, including f_C(r_ik), from (i, j, k).
 
 Files: LAMMPS format, 17 entries per triple (element1 element2 element3 m gamma
 lambda3 c d costheta0 n beta lambda2 B R D lambda1 A), '#' comments.
-``Tersoff.silicon()`` loads the shipped ``data/potentials/Si.tersoff`` (Tersoff 1988,
+``Tersoff.silicon()`` loads the shipped ``mdsens/data/potentials/Si.tersoff`` (Tersoff 1988,
 Si(C); diamond a₀ = 5.432 Å, E = −4.63 eV/atom).
 """
 
@@ -26,12 +26,11 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens import data
 from mdsens.md.potentials.base import ParameterError, Potential, safe_norm
 
 #: LAMMPS column order after the three element names.
 FIELDS = ("m", "gamma", "lam3", "c", "d", "h", "n", "beta", "lam2", "B", "R", "D", "lam1", "A")
-#: the shipped parameter files
-DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "potentials"
 
 
 def read_lammps_tersoff(path) -> dict:
@@ -78,6 +77,9 @@ class Tersoff(Potential):
     name = "Tersoff"
     # the dense bond-order sum forms (N, N, N) arrays: switch to neighbor lists early
     neighbor_list_min_atoms = 128
+    dims = (3,)
+    ranges = {"n": (0.0, None, True), "beta": (0.0, None, False), "D": (0.0, None, True),
+              "lam1": (0.0, None, False), "lam2": (0.0, None, False)}
 
     def __init__(self, entries: dict, symbols: Optional[tuple] = None):
         if symbols is None:
@@ -98,20 +100,22 @@ class Tersoff(Potential):
         if not np.all(np.isin(m, (1.0, 3.0))):
             raise ParameterError(f"Tersoff: m must be 3 or 1 (LAMMPS); got {np.unique(m)}.")
         self.m = m.astype(np.int32)
-        if np.any(tables["D"] <= 0) or np.any(tables["R"] <= tables["D"]):
-            raise ParameterError("Tersoff: need 0 < D < R for every triple.")
         self.params = {k: jnp.asarray(v, jnp.float64) for k, v in tables.items()}
         self._validate_params(self.params)
 
+    def _check_values(self, params):
+        if np.any(np.asarray(params["R"]) <= np.asarray(params["D"])):
+            raise ParameterError("Tersoff: need 0 < D < R for every triple.")
+
     @classmethod
     def from_lammps(cls, path, symbols: Optional[tuple] = None) -> "Tersoff":
-        """Load a LAMMPS-format Tersoff file (e.g. ``data/potentials/Si.tersoff``)."""
+        """Load a LAMMPS-format Tersoff file (e.g. ``mdsens.data.path("potentials/Si.tersoff")``)."""
         return cls(read_lammps_tersoff(path), symbols)
 
     @classmethod
     def silicon(cls) -> "Tersoff":
         """Tersoff Si(C) (PRB 38, 9902 (1988)) from the shipped ``Si.tersoff``."""
-        return cls.from_lammps(DATA_DIR / "Si.tersoff", ("Si",))
+        return cls.from_lammps(data.path("potentials/Si.tersoff"), ("Si",))
 
     def cutoff(self, params=None) -> float:
         params = self.params if params is None else params

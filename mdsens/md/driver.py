@@ -1,0 +1,298 @@
+"""The host driver of a relaxation: compiled chunks of a pure minimizer, checked in between.
+
+:class:`HostRelaxation` runs a minimizer of :mod:`mdsens.md.minimize` in jitted chunks
+of ``chunk_size`` steps (a ``lax.while_loop`` that exits as soon as the criterion
+holds). Between chunks, on the host, it
+
+* checks neighbor-list overflow: an overflowed chunk is discarded and re-run with a
+  reallocated list (:func:`mdsens.md.neighbors.overflow_capacity`), never truncated;
+* refuses NaN/inf energies with :class:`~mdsens.RelaxError`;
+* shows progress (tqdm);
+
+and finally **confirms convergence with a freshly built neighbor list** (a stale list
+can make a relaxation look converged), and evaluates energy, forces and stress at the
+result. It is not differentiable: :func:`mdsens.md.relaxation.relax` wraps it.
+
+The compiled chunks depend on the layout (N, species, pbc, neighbor capacity) and the
+options, not on positions, cell or parameters, so one instance serves many calls.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mdsens._config import require_x64
+from mdsens.md import minimize, neighbors
+from mdsens.md.errors import NotConvergedWarning, RelaxError
+from mdsens.md.options import FIRE, as_minimizer, as_neighbor_list
+from mdsens.md.strain import energy_forces_stress
+from mdsens.md.system import System
+
+__all__ = ["RelaxResult", "HostRelaxation", "DEFAULT_FMAX", "DEFAULT_MAX_STEPS"]
+
+#: Default force criterion (force units: eV/Å, or reduced).
+DEFAULT_FMAX = 1e-6
+#: Default step budget.
+DEFAULT_MAX_STEPS = 20_000
+
+
+class RelaxResult(NamedTuple):
+    """Result of ``ms.relax`` (a pytree).
+
+    Attributes:
+      system: the relaxed :class:`System` (positions wrapped into the cell; with
+        ``relax_cell=True`` also the relaxed cell).
+      energy: potential energy, float64 scalar (eV).
+      forces: ``(N, d)`` forces ``-∂E/∂R`` (eV/Å), from a freshly built neighbor list.
+      fmax: ``max_i |forces_i|`` (eV/Å).
+      steps: iterations taken.
+      converged: the ``fmax`` criterion (and the stress criterion with ``relax_cell``)
+        confirmed with a fresh neighbor list. Never True otherwise.
+      stress: Voigt stress in ASE's convention (xx, yy, zz, yz, xz, xy) in eV/Å³
+        ((xx, yy, xy), eV/Å², in 2D) for periodic systems, else ``None``.
+      neighbor: the neighbor list freshly built at the relaxed structure
+        (:class:`mdsens.md.neighbors.Neighbors`), ``None`` on the dense path; the
+        derivative routines reuse it while it covers the potential's range.
+    """
+
+    system: System
+    energy: jax.Array
+    forces: jax.Array
+    fmax: Any
+    steps: Any
+    converged: Any
+    stress: Optional[jax.Array] = None
+    neighbor: Any = None
+
+
+def uses_neighbor_list(pot, n_atoms: int, options) -> bool:
+    """Whether a system of ``n_atoms`` uses lists under ``options`` (a NeighborListOptions)."""
+    if options.enabled is not None:
+        return bool(options.enabled)
+    return neighbors.use_neighbor_list(n_atoms, pot.neighbor_list_min_atoms)
+
+
+class HostRelaxation:
+    """A compiled, reusable host relaxation for systems shaped like ``system``.
+
+    ``host = HostRelaxation(pot, system, minimizer=..., relax_cell=..., neighbor_list=...)``;
+    ``host(system, params, fmax=..., max_steps=..., stress_tol=None, progress=None)``
+    returns a :class:`RelaxResult`. Options are those of ``ms.relax``.
+    """
+
+    def __init__(self, pot, system: System, *, minimizer=FIRE(), relax_cell: bool = False, neighbor_list=None):
+        require_x64("relaxation")
+        self.minimizer = as_minimizer(minimizer)
+        self.neighbor_options = as_neighbor_list(neighbor_list)
+        if relax_cell and not system.pbc:
+            raise RelaxError("relax_cell=True needs a periodic system; this one is free (pbc=False).")
+        if system.n_atoms == 0:
+            raise RelaxError("the system has no atoms; there is nothing to relax.")
+        self.pot = pot
+        self.template = system
+        self.relax_cell = bool(relax_cell)
+        self.use_nl = uses_neighbor_list(pot, system.n_atoms, self.neighbor_options)
+        cf = self.minimizer.cell_factor
+        self.cell_factor = float(system.n_atoms if cf is None else cf)
+        self.energy_fn = pot.energy_fn(system, neighbor_list=self.use_nl)
+        if self.relax_cell:
+            self.problem = minimize.cell_problem(self.energy_fn, system.n_atoms, system.dim, self.cell_factor)
+        else:
+            self.problem = minimize.positions_problem(self.energy_fn, periodic=system.pbc)
+        #: Diagnostics: neighbor lists reallocated after an overflow (all calls).
+        self.reallocations = 0
+        self._nl = None
+        self._compiled = None
+        self._cell_list_fns = {}
+        self._evaluate = jax.jit(lambda R, p, C, nb: energy_forces_stress(self.energy_fn, R, p, C, nb))
+
+    # -- compiled pieces (rebuilt only when a new neighbor-list function is needed) ------
+    def _compile(self, nl):
+        init, step = minimize.minimizer(self.problem, self.minimizer, None if nl is None else nl.update)
+        self._nl = nl
+        self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)))
+
+    def check_compatible(self, system):
+        """Raise :class:`RelaxError` unless ``system`` has this relaxation's layout."""
+        t = self.template
+        if (system.n_atoms != t.n_atoms or system.dim != t.dim or system.pbc != t.pbc
+                or system.symbols != t.symbols
+                or not np.array_equal(np.asarray(system.species), np.asarray(t.species))):
+            raise RelaxError(
+                f"this relaxation was built for {t!r} with its species order; got {system!r}. "
+                "Build a new one with ms.make_relax(pot, system)."
+            )
+
+    def _neighbor_fn(self, system, params):
+        """Neighbor-list functions covering ``params`` (reused if they still cover them)."""
+        if not self.use_nl:
+            return None
+        cutoff = float(self.pot.cutoff(params))
+        nl = self._nl
+        if nl is None or nl.cutoff < cutoff:
+            nl = self.pot.neighbor_list_fn(system, params, **self.neighbor_options.kwargs())
+        return nl
+
+    def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
+                 max_steps: int = DEFAULT_MAX_STEPS, stress_tol: Optional[float] = None,
+                 progress: Optional[bool] = None) -> RelaxResult:
+        self.check_compatible(system)
+        fmax, max_steps = _checked_criteria(fmax, max_steps)
+        params = self.pot.check(system, params)
+        tol_s = math.inf
+        if self.relax_cell:
+            if stress_tol is None:
+                # ASE's UnitCellFilter criterion: virial per cell_factor below fmax.
+                stress_tol = fmax * self.cell_factor / float(system.volume)
+            tol_s = float(stress_tol)
+            if not (tol_s > 0 and math.isfinite(tol_s)):
+                raise RelaxError(f"stress_tol must be a positive number (eV/Å³); got {stress_tol!r}.")
+        elif stress_tol is not None:
+            raise RelaxError("stress_tol only applies with relax_cell=True.")
+
+        nl = self._neighbor_fn(system, params)
+        if self._compiled is None or nl is not self._nl:
+            self._compile(nl)
+        init, run = self._compiled
+
+        cell_ref = system.cell
+        X0 = system.positions
+        if self.relax_cell:
+            X0 = jnp.concatenate([system.positions, jnp.zeros((system.dim, system.dim))], axis=0)
+
+        def allocate(X, extra=0):
+            if nl is None:
+                return None
+            R, cell = self.problem.physical(X, cell_ref)
+            return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra), self._cell_list_fns)
+
+        state = init(X0, params, cell_ref, allocate(X0))
+        bar = _progress_bar(_progress_enabled(progress), max_steps, self.template)
+        chunk = self.minimizer.chunk_size
+        extra = 0
+        try:
+            while True:
+                _raise_if_not_finite(state, system)
+                if float(state.fmax) < fmax and float(state.smax) < tol_s:
+                    if nl is None:
+                        break
+                    # Converged as the loop saw it: confirm with a fresh list.
+                    X = state.inner.position
+                    fresh = init(X, params, cell_ref, allocate(X, extra))
+                    _raise_if_not_finite(fresh, system)
+                    if float(fresh.fmax) < fmax and float(fresh.smax) < tol_s:
+                        state = state._replace(neighbor=fresh.neighbor)
+                        break
+                    # A stale list hid pairs: restart from here with the fresh one.
+                    state = fresh._replace(step=state.step)
+                    continue
+                done = int(state.step)
+                if done >= max_steps:
+                    break
+                new = run(state, params, cell_ref, fmax, tol_s, min(done + chunk, max_steps))
+                if nl is not None and new.neighbor.needs_reallocation():
+                    # The chunk's forces are untrustworthy: redo it with a bigger list, in
+                    # shorter chunks so that the list keeps up.
+                    self.reallocations += 1
+                    extra += neighbors.overflow_capacity(new.neighbor)
+                    chunk = max(1, chunk // 2)
+                    X = state.inner.position
+                    state = init(X, params, cell_ref, allocate(X, extra))._replace(step=state.step)
+                    continue
+                state = new
+                chunk = self.minimizer.chunk_size
+                bar.update(int(state.step) - done)
+                bar.set_postfix_str(f"fmax={float(state.fmax):.3g}", refresh=False)
+        finally:
+            bar.close()
+        return self._result(system, state, params, nl, fmax, tol_s, max_steps)
+
+    def _result(self, system, state, params, nl, fmax, tol_s, max_steps):
+        X = state.inner.position
+        R, cell = self.problem.physical(X, system.cell)
+        if self.relax_cell:
+            D = np.eye(system.dim) + np.asarray(X[system.n_atoms:]) / self.cell_factor
+            R, cell = _remove_rotation(R, cell, D)
+        relaxed = system.replace(positions=R, cell=cell) if system.pbc else system.replace(positions=R)
+        if self.relax_cell:
+            self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
+        neighbor = None
+        if nl is not None:
+            neighbor = neighbors.stable_metadata(nl.allocate(relaxed.positions, relaxed.cell), self._cell_list_fns)
+        energy, forces, stress = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
+        f = float(minimize.max_norm(forces))
+        # Voigt holds every distinct component of the symmetric tensor: same max |σ_ab|.
+        s = 0.0 if stress is None else float(jnp.max(jnp.abs(stress)))
+        if not (np.isfinite(float(energy)) and np.isfinite(f) and np.isfinite(s)):
+            raise RelaxError(f"the relaxed {system!r} has a NaN/inf energy or forces.")
+        steps = int(state.step)
+        converged = f < fmax and (s < tol_s if self.relax_cell else True)
+        if not converged:
+            what = f"fmax = {f:.3g} (target {fmax:.3g})"
+            if self.relax_cell:
+                what += f", max |stress| = {s:.3g} (target {tol_s:.3g})"
+            warnings.warn(
+                f"relaxation of {system!r} did not converge in {steps} steps (max_steps="
+                f"{max_steps}): {what}. Raise max_steps, loosen fmax, or check the "
+                "structure and parameters; the result is returned with converged=False.",
+                NotConvergedWarning,
+                stacklevel=4,
+            )
+        return RelaxResult(relaxed, energy, forces, f, steps, bool(converged), stress, neighbor)
+
+
+# --------------------------------------------------------------------------- helpers
+def _checked_criteria(fmax, max_steps):
+    try:
+        fmax = float(fmax)
+    except (TypeError, ValueError):
+        raise RelaxError(f"fmax must be a positive number (force units); got {fmax!r}.") from None
+    if not (fmax > 0 and math.isfinite(fmax)):
+        raise RelaxError(f"fmax must be a positive number (force units); got {fmax}.")
+    if isinstance(max_steps, bool) or not float(max_steps) == int(max_steps) or int(max_steps) < 0:
+        raise RelaxError(f"max_steps must be an integer >= 0; got {max_steps!r}.")
+    return fmax, int(max_steps)
+
+
+def _raise_if_not_finite(state, system):
+    if not (np.isfinite(float(state.fmax)) and np.isfinite(float(state.smax))):
+        raise RelaxError(
+            f"the energy or forces became NaN/inf after {int(state.step)} steps while relaxing "
+            f"{system!r}. Usual causes: overlapping atoms (check the structure's shortest "
+            "distance), parameters outside the potential's range, or a step too large (lower "
+            "FIRE(maxstep=..., dt_max=...), or GradientDescent(step_size=...))."
+        )
+
+
+def _remove_rotation(R, cell, D):
+    """Drop the rigid rotation from the deformation ``D`` (rows: ``x -> x D``).
+
+    Right polar decomposition ``D = P Q`` (``P`` symmetric positive, ``Q`` orthogonal,
+    from the SVD ``D = U Σ Vᵀ``: ``P = U Σ Uᵀ``, ``Q = U Vᵀ``); returns ``(R Qᵀ, cell Qᵀ)``,
+    the structure deformed by the pure stretch ``P``. Energies are unchanged.
+    """
+    u, _, vt = np.linalg.svd(np.asarray(D))
+    q = u @ vt
+    return R @ q.T, cell @ q.T
+
+
+def _progress_enabled(progress: Optional[bool]) -> bool:
+    if progress is not None:
+        return bool(progress)
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_bar(show: bool, total: int, system: System):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not show, desc=f"relax N={system.n_atoms}", unit="step", leave=False)
