@@ -2,8 +2,8 @@
 
 Run (jaxopt lives only in the benchmark venv; its columns are skipped without it)::
 
-    /work/main/.venv-bench/bin/python benchmarks/sensitivity.py          # small sizes
-    /work/main/.venv-bench/bin/python benchmarks/sensitivity.py --full   # N up to 1e5 / 1e4
+    .venv-bench/bin/python benchmarks/sensitivity.py          # small sizes
+    .venv-bench/bin/python benchmarks/sensitivity.py --full   # N up to 1e5 / 1e4
 
 On the same relaxed structures (2D binary soft-sphere packings, φ = 0.9; diamond Si with
 a vacancy under Stillinger-Weber, 0.02 Å random displacements relaxed back) it times, as medians of

@@ -37,6 +37,7 @@ import numpy as np
 
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp
+from mdsens.md import cache
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
 from mdsens.md.strain import deformation_gradient, voigt_names
@@ -232,6 +233,8 @@ def elastic_constants(result, pot, *, params=None, solve: Optional[Callable] = N
       LinearSolveError: an internal-relaxation solve missed ``tol`` (``on_failure="raise"``).
     """
     system = getattr(result, "system", result)
-    fn = make_elastic_constants(pot, system, solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax,
-                                stability=stability, neighbor_list=neighbor_list, on_failure=on_failure)
-    return fn(result, params=params, neighbor=neighbor)
+    options = dict(solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax, stability=stability,
+                   neighbor_list=neighbor_list, on_failure=on_failure)
+    fn = cache.memoized_make("elastic_constants", pot, system, (), options,
+                       lambda: make_elastic_constants(pot, system, **options))
+    return fn(result, params=pot.params if params is None else params, neighbor=neighbor)

@@ -32,6 +32,7 @@ import numpy as np
 from jax_md import partition, space
 
 from mdsens.md.errors import NeighborListError
+from mdsens.md.space import perpendicular_widths
 from mdsens.md.system import System
 
 #: Default switch to neighbor lists (pair potentials; others set their own).
@@ -330,8 +331,6 @@ class NeighborListFn:
 
 def _use_cell_list(system: System, radius: float) -> bool:
     """Whether the build should use a cell list; refuses a hopeless box before allocating."""
-    from mdsens.md.potentials.base import perpendicular_widths
-
     widths = perpendicular_widths(system.cell)
     cells_per_dim = np.floor(widths / radius)
     if np.any(cells_per_dim < 3):

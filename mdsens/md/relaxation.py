@@ -38,11 +38,11 @@ import numpy as np
 
 from mdsens.errors import OptionError, check_policy
 from mdsens.implicit import linear_solve
-from mdsens.md import minimize, neighbors, zero_modes
+from mdsens.md import cache, minimize, neighbors, zero_modes
 from mdsens.md.cell_relaxation import CellRelaxation
 from mdsens.md.driver import DEFAULT_FMAX, DEFAULT_MAX_STEPS, HostRelaxation, RelaxResult
 from mdsens.md.errors import NotConvergedWarning
-from mdsens.md.options import FIRE, as_stability
+from mdsens.md.options import FIRE, as_minimizer, as_neighbor_list, as_stability
 from mdsens.md.strain import energy_forces_stress
 from mdsens.md.system import System
 from mdsens.md.layer import is_traced, python_scalar, relaxation_root
@@ -224,6 +224,10 @@ def relax(system: System, pot, *, params=None, fmax: float = DEFAULT_FMAX, max_s
         ``neighbor_list=False``, dense and exact).
       NotImplementedError: derivatives through ``relax_cell=True`` under jit/vmap.
     """
-    fn = make_relax(pot, system, relax_cell=relax_cell, minimizer=minimizer, neighbor_list=neighbor_list,
-                    solve=solve, stability=stability, on_failure=on_failure)
+    key = ("relax", pot.cache_key(), cache.layout_key(system), bool(relax_cell), as_minimizer(minimizer),
+           as_neighbor_list(neighbor_list), cache.hashable(solve), cache.hashable(stability), on_failure)
+    fn = cache.memoized(key, lambda: make_relax(pot, system, relax_cell=relax_cell, minimizer=minimizer,
+                                                neighbor_list=neighbor_list, solve=solve, stability=stability,
+                                                on_failure=on_failure))
+    params = pot.params if params is None else params
     return fn(system, params, fmax=fmax, max_steps=max_steps, stress_tol=stress_tol, progress=progress)

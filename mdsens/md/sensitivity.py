@@ -66,6 +66,7 @@ from jax.flatten_util import ravel_pytree
 
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp, root_vjp
+from mdsens.md import cache
 from mdsens.md.errors import StructureError, UnknownParameterError
 from mdsens.md.io import write_text_atomically
 from mdsens.md.options import as_stability
@@ -565,9 +566,11 @@ def sensitivity(result, pot, wrt="params", *, params=None, solve: Optional[Calla
       UnknownParameterError: an unknown parameter name in ``wrt`` (a ``KeyError``).
     """
     system = getattr(result, "system", result)
-    fn = make_sensitivity(pot, system, wrt, solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax,
-                          stability=stability, neighbor_list=neighbor_list, on_failure=on_failure)
-    return fn(result, params=params, neighbor=neighbor)
+    options = dict(solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax, stability=stability,
+                   neighbor_list=neighbor_list, on_failure=on_failure)
+    fn = cache.memoized_make("sensitivity", pot, system, (cache.hashable(wrt),), options,
+                   lambda: make_sensitivity(pot, system, wrt, **options))
+    return fn(result, params=pot.params if params is None else params, neighbor=neighbor)
 
 
 class make_observable_gradient(_Derivative):  # noqa: N801
@@ -667,7 +670,9 @@ def observable_gradient(result, pot, observable: Callable, *, wrt: str = "params
       ``dO/dparams`` (dict like params; units of O per parameter unit) or ``dO/dε``.
     """
     system = getattr(result, "system", result)
-    fn = make_observable_gradient(pot, system, observable, wrt=wrt, solve=solve, tol=tol, strict=strict,
-                                  strict_fmax=strict_fmax, stability=stability, neighbor_list=neighbor_list,
-                                  on_failure=on_failure)
-    return fn(result, params=params, neighbor=neighbor)
+    options = dict(solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax, stability=stability,
+                   neighbor_list=neighbor_list, on_failure=on_failure)
+    fn = cache.memoized_make("observable_gradient", pot, system, (cache.hashable(observable), wrt), options,
+                   lambda: make_observable_gradient(pot, system, observable, wrt=wrt, **options))
+    return fn(result, params=pot.params if params is None else params, neighbor=neighbor)
+

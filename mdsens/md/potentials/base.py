@@ -37,7 +37,7 @@ import numpy as np
 from jax_md import space
 
 from mdsens._config import require_x64
-from mdsens.md import neighbors
+from mdsens.md import cache, neighbors
 from mdsens.md.errors import CutoffError, ParameterError, PotentialError, SpeciesError
 from mdsens.md.space import free_displacement, perpendicular_widths, periodic_general_displacement
 from mdsens.md.strain import stress_from_energy
@@ -172,6 +172,14 @@ class Potential:
 
     def _check_values(self, params: dict) -> None:
         """Relations between parameters (e.g. ``r_onset < r_cutoff``); subclasses extend."""
+
+    def cache_key(self) -> tuple:
+        """Everything but the parameter values that defines this potential's energy
+        functions (class, species tables, static settings, parameter shapes), hashable:
+        the key under which compiled programs are reused (:mod:`mdsens.md.cache`)."""
+        static = tuple(sorted((k, cache.hashable(v)) for k, v in vars(self).items() if k != "params"))
+        shapes = tuple((k, tuple(np.shape(v))) for k, v in sorted(self.params.items()))
+        return (type(self), static, shapes)
 
     # -- species ----------------------------------------------------------------------
     def species_indices(self, system: System) -> np.ndarray:
