@@ -39,6 +39,7 @@ def _run_sensitivity_benchmark(*args):
     return [ast.literal_eval(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow  # ~70 s; `make bench` runs the benchmark itself
 def test_sensitivity_benchmark_smoke():
     """benchmarks/sensitivity.py on one small packing (no peers): the table prints and
     mdsens's forward derivative matches the dense pseudo-inverse it is checked against."""

@@ -125,6 +125,7 @@ def test_stillinger_weber_finite_strain_rerelaxation(si_diamond):
         np.testing.assert_allclose(fd, C.relaxed[:, J], atol=1e-5 * np.abs(C.relaxed).max())
 
 
+@pytest.mark.slow  # ~40 s; the simple call reuses compilation through the cache (test_cache)
 def test_make_elastic_constants_reuses_compilation_and_obeys_scaling(si_diamond):
     """One compiled make_elastic_constants for three parameter sets, each against the
     exact scaling of Stillinger-Weber: every length scales with σ and every energy with

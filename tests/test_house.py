@@ -84,7 +84,7 @@ def test_no_test_monkeypatches_a_module_global():
     (lambda: ms.NeighborListOptions(enabled="yes"), "enabled"),
     (lambda: ms.StabilityOptions(method="eig"), "method"),
     (lambda: ms.StabilityOptions(soft_mode_rtol=-1e-10), "soft_mode_rtol"),
-    (lambda: ms.StabilityOptions(lobpcg_rounds=0), "lobpcg_rounds"),
+    (lambda: ms.StabilityOptions(rounds=0), "rounds"),
     (lambda: ms.StabilityOptions(warn="no"), "warn"),
     (lambda: errors.check_policy("wran"), "on_failure"),
     (lambda: ms.custom_root(lambda x, t: x, on_failure="raies"), "on_failure"),

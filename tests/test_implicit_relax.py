@@ -74,6 +74,7 @@ def dense_pinv_tangent(pot, system, name, direction):
     return -(H_pinv @ np.asarray(mixed)).reshape(R.shape)
 
 
+@pytest.mark.slow  # ~70 s of re-relaxations; the packing is checked against finite differences by test_examples too
 def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
     system, pot, result = packing
     name = "sigma"

@@ -104,6 +104,7 @@ def test_lj_scaling_laws_forward_mode(lj_binary, lj_jacobian):
         np.testing.assert_allclose(G, np.swapaxes(G, 0, 1), atol=1e-10 * np.abs(G).max())
 
 
+@pytest.mark.slow  # ~60 s; forward mode and the refusals stay in the default suite
 def test_lj_reverse_mode_closed_forms_and_forward_equals_reverse(lj_binary, lj_jacobian):
     pot, system, res = lj_binary
     p = pot.params

@@ -48,7 +48,10 @@ def _cli(*argv):
 
 
 # ------------------------------------------------------------------ 1. linear molecules
-@pytest.mark.parametrize("kind, name, truth", [("lj", "sigma", TIED), ("morse", "r0", 1.0)])
+@pytest.mark.parametrize("kind, name, truth", [
+    ("lj", "sigma", TIED),
+    pytest.param("morse", "r0", 1.0, marks=pytest.mark.slow),  # the same path, another potential
+])
 def test_traced_derivative_of_a_linear_molecule(kind, name, truth):
     """dr*/dσ = 2^(1/6) (LJ), dr*/dr₀ = 1 (Morse): exact, under jit, vmap and jacfwd."""
     pot = ms.potentials.LennardJones(sigma=1.0) if kind == "lj" else ms.potentials.Morse()
@@ -58,10 +61,19 @@ def test_traced_derivative_of_a_linear_molecule(kind, name, truth):
         return _bond(ms.relax(start, pot, params=p, fmax=1e-10, neighbor_list=False, **kw).system.positions)
 
     assert float(jax.jit(jax.grad(bond))(pot.params)[name]) == pytest.approx(truth, rel=1e-6)
-    many = {k: jnp.stack([v, v]) for k, v in pot.params.items()}
-    np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(bond))(many)[name]), truth, rtol=1e-6)
     jac = jax.jacfwd(functools.partial(bond, stability=False))(pot.params)
     assert float(jac[name]) == pytest.approx(truth, rel=1e-6)
+
+
+@pytest.mark.slow  # ~40 s of compilation; the same traced path as the test above
+def test_vmapped_derivative_of_a_linear_molecule():
+    pot = ms.potentials.LennardJones(sigma=1.0)
+
+    def bond(p):
+        return _bond(ms.relax(_dimer(1.1), pot, params=p, fmax=1e-10, neighbor_list=False).system.positions)
+
+    many = {k: jnp.stack([v, 1.1 * v]) for k, v in pot.params.items()}
+    np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(bond))(many)["sigma"]), TIED, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- 2., 3. the core checks
@@ -302,11 +314,11 @@ def test_cli_errors_are_one_line_with_documented_codes(tmp_path):
 
 # ----------------------------------------------------------------------- 17., 20., 21.
 def test_wrt_element_labels_with_commas():
-    pot = ms.potentials.SoftSphere(sigma={"A": 1.0, "B": 1.4})
-    s = ms.read(data_file("soft_spheres_2d.xyz"))
-    res = ms.relax(s, pot, fmax=1e-8, max_steps=50_000)
-    one = ms.sensitivity(res, pot, wrt="sigma[0,1]", stability=False)
-    two = ms.sensitivity(res, pot, wrt="sigma[0,1], epsilon", stability=False)
+    pot = ms.potentials.LennardJones(sigma={"A": 1.0, "B": 1.2})
+    s = ms.System(np.array([[0.0, 0, 0], [1.2, 0, 0], [0.5, 1.1, 0]]), species=[0, 1, 0], symbols=("A", "B"))
+    res = ms.relax(s, pot, fmax=1e-10)
+    one = ms.sensitivity(res, pot, wrt="sigma[0,1]")
+    two = ms.sensitivity(res, pot, wrt="sigma[0,1], epsilon")
     assert one.names == ("sigma[0,1]",) and two.names[0] == "sigma[0,1]" and two.names[1] == "epsilon"
     np.testing.assert_allclose(one.dpositions[0], two.dpositions[0], rtol=1e-9, atol=1e-12)  # solve tol 1e-10
 

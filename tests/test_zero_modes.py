@@ -83,7 +83,8 @@ def test_near_singular_warning_reports_smallest_eigenvalue():
     np.testing.assert_allclose(rep.lambda_min, 2e-8, rtol=1e-6)
 
 
-def test_lobpcg_agrees_with_dense():
+@pytest.mark.parametrize("method", ["lobpcg", "lanczos"])
+def test_iterative_methods_agree_with_dense(method):
     rng = np.random.default_rng(5)
     k = jnp.asarray(rng.uniform(0.5, 2.0, size=(40,)))
 
@@ -93,8 +94,15 @@ def test_lobpcg_agrees_with_dense():
 
     R = jnp.asarray(rng.normal(size=(40, 2)))
     dense = stability(E, R, True, StabilityOptions(method="dense"))
-    lob = stability(E, R, True, StabilityOptions(method="lobpcg", warn=False))
-    np.testing.assert_allclose(lob.eigenvalues[:3], dense.eigenvalues[:3], rtol=1e-5)
+    lob = stability(E, R, True, StabilityOptions(method=method, warn=False))
+    assert lob.method == method
+    np.testing.assert_allclose(lob.lambda_min, dense.lambda_min, rtol=1e-5)
+    np.testing.assert_allclose(lob.lambda_max, dense.lambda_max, rtol=1e-2)
+    if method == "lobpcg":
+        np.testing.assert_allclose(lob.eigenvalues[:3], dense.eigenvalues[:3], rtol=1e-5)
+    else:  # one Lanczos vector sees one copy of each (here doubly degenerate) eigenvalue
+        nearest = np.abs(lob.eigenvalues[:, None] - dense.eigenvalues[None]).min(axis=1)
+        assert np.all(nearest <= 1e-2 * np.abs(lob.eigenvalues) + 1e-8 * dense.lambda_max)
 
 
 # ------------------------------------------------------------- rattlers, LOBPCG rounds
@@ -180,7 +188,7 @@ def _check_basis(rep, projector, k_null):
     np.testing.assert_allclose(B.T @ B, projector, atol=1e-8)  # spans the null space
 
 
-@pytest.mark.parametrize("method", ["dense", "lobpcg"])
+@pytest.mark.parametrize("method", ["dense", "lobpcg", "lanczos"])
 def test_rattlers_found_by_probing_match_dense_eigh(rattler_packing, method):
     E, R, _, _, (zero_rows, projector, lam_min, k_null) = rattler_packing
     tiny_dofs = np.arange(2 * N_BIG, 2 * (N_BIG + N_TINY))
@@ -262,6 +270,10 @@ def test_lobpcg_rounds_find_more_soft_modes_than_its_block():
     assert rep.converged and rep.isolated_dofs.size == 0 and rep.n_soft == 18
     _check_basis(rep, projector, k_null)
     np.testing.assert_allclose(rep.lambda_min, lam_min, rtol=1e-6)
+    # one Lanczos vector cannot resolve 18 degenerate soft modes: LOBPCG takes over
+    handed = stability(E, R, True, StabilityOptions(method="lanczos"))
+    assert handed.method == "lanczos+lobpcg" and handed.n_soft == 18
+    _check_basis(handed, projector, k_null)
     dense = stability(E, R, True, StabilityOptions(method="dense"))
     _check_basis(dense, projector, k_null)
     np.testing.assert_allclose(dense.lambda_min, lam_min, rtol=1e-10)
@@ -270,11 +282,12 @@ def test_lobpcg_rounds_find_more_soft_modes_than_its_block():
 def test_lobpcg_out_of_rounds_warns():
     E, R = _ring_and_dimers()
     with pytest.warns(NearSingularWarning, match="only soft modes in 1 rounds"):
-        rep = stability(E, R, True, StabilityOptions(method="lobpcg", lobpcg_rounds=1))
+        rep = stability(E, R, True, StabilityOptions(method="lobpcg", rounds=1))
     assert np.isnan(rep.lambda_min) and not rep.converged and rep.n_soft == StabilityOptions().lobpcg_modes
 
 
-def test_saddle_raises_with_lobpcg():
+@pytest.mark.parametrize("method", ["lobpcg", "lanczos"])
+def test_saddle_raises_with_iterative_methods(method):
     rng = np.random.default_rng(5)
     k = jnp.asarray(rng.uniform(0.5, 2.0, size=(40,)))
 
@@ -286,7 +299,7 @@ def test_saddle_raises_with_lobpcg():
     w = np.linalg.eigvalsh(np.asarray(jax.hessian(E)(R)).reshape(80, 80))
     assert w[0] < -0.1
     with pytest.raises(SaddlePointError, match="saddle point") as info:
-        stability(E, R, True, StabilityOptions(method="lobpcg"))
+        stability(E, R, True, StabilityOptions(method=method))
     reported = float(str(info.value).split("λ_min = ")[1].split()[0])
     np.testing.assert_allclose(reported, w[0], rtol=1e-5)  # printed with 6 digits
 

@@ -185,22 +185,23 @@ class StabilityOptions:
     """The stability analysis of a relaxed structure (see :mod:`mdsens.md.zero_modes`).
 
     Attributes:
-      method: ``"auto"`` (dense up to ``dense_max_dof`` degrees of freedom, else
-        LOBPCG), ``"dense"`` or ``"lobpcg"``.
+      method: ``"auto"`` (dense up to ``dense_max_dof`` degrees of freedom, else Lanczos),
+        ``"dense"``, ``"lanczos"`` (one Lanczos run; LOBPCG takes over when it meets a
+        soft mode or does not converge) or ``"lobpcg"``.
       soft_mode_rtol: ``|λ| / λ_max`` at or below which a mode is a zero mode.
       saddle_rtol: ``λ / λ_max`` below ``−saddle_rtol`` is a saddle.
       near_singular_rtol: ``λ_min / λ_max`` below which a warning is issued.
       isolated_dof_rtol: threshold of the random probing for rattlers; ``None`` skips it.
       dense_max_dof: largest ``N·d`` handled by a dense eigendecomposition.
-      lobpcg_modes: lowest eigenpairs sought in the first LOBPCG round.
-      lobpcg_maxiter: LOBPCG iteration cap per round.
+      maxiter: Lanczos iterations, and LOBPCG iterations per round.
+      residual_rtol: residual ``/ λ_max`` accepted for the pairs the report uses.
+      lambda_min_rtol: relative accuracy of ``λ_min`` that stops the iteration.
+      rounds: LOBPCG rounds (block doubled each) to get past soft modes.
+      lobpcg_modes: lowest eigenpairs LOBPCG seeks in its first round.
       lobpcg_chunk: LOBPCG runs in restarted chunks of this many iterations.
-      lobpcg_tol: residual ``/ λ_max`` LOBPCG iterates for.
-      lobpcg_residual_rtol: residual ``/ λ_max`` accepted for the pairs the report uses.
-      lambda_min_rtol: relative accuracy of ``λ_min`` that stops LOBPCG.
-      lobpcg_rounds: rounds (block doubled each) to get past soft modes.
+      lobpcg_tol: residual ``/ λ_max`` LOBPCG iterates for (its whole block).
       raise_on_saddle: raise :class:`~mdsens.SaddlePointError` on a saddle.
-      warn: warn for a nearly singular Hessian and an unconverged LOBPCG.
+      warn: warn for a nearly singular Hessian and an unconverged eigen-solver.
     """
 
     method: str = "auto"
@@ -208,25 +209,27 @@ class StabilityOptions:
     saddle_rtol: float = 1e-7
     near_singular_rtol: float = 1e-7
     isolated_dof_rtol: Optional[float] = 1e-12
-    dense_max_dof: int = 2000
+    dense_max_dof: int = 300
+    maxiter: int = 400
+    residual_rtol: float = 1e-8
+    lambda_min_rtol: float = 1e-2
+    rounds: int = 4
     lobpcg_modes: int = 8
-    lobpcg_maxiter: int = 400
     lobpcg_chunk: int = 100
     lobpcg_tol: float = 1e-12
-    lobpcg_residual_rtol: float = 1e-8
-    lambda_min_rtol: float = 1e-2
-    lobpcg_rounds: int = 4
     raise_on_saddle: bool = True
     warn: bool = True
 
     def __post_init__(self):
-        if self.method not in ("auto", "dense", "lobpcg"):
-            raise OptionError(f"StabilityOptions: method must be 'auto', 'dense' or 'lobpcg'; got {self.method!r}.")
-        for name in ("soft_mode_rtol", "saddle_rtol", "near_singular_rtol", "lobpcg_tol",
-                     "lobpcg_residual_rtol", "lambda_min_rtol"):
+        if self.method not in ("auto", "dense", "lanczos", "lobpcg"):
+            raise OptionError(
+                f"StabilityOptions: method must be 'auto', 'dense', 'lanczos' or 'lobpcg'; got {self.method!r}."
+            )
+        for name in ("soft_mode_rtol", "saddle_rtol", "near_singular_rtol", "lobpcg_tol", "residual_rtol",
+                     "lambda_min_rtol"):
             _number("StabilityOptions", name, getattr(self, name))
         _number("StabilityOptions", "isolated_dof_rtol", self.isolated_dof_rtol, allow_none=True)
-        for name in ("lobpcg_modes", "lobpcg_maxiter", "lobpcg_chunk", "lobpcg_rounds"):
+        for name in ("lobpcg_modes", "maxiter", "lobpcg_chunk", "rounds"):
             _number("StabilityOptions", name, getattr(self, name), integer=True)
         _number("StabilityOptions", "dense_max_dof", self.dense_max_dof, integer=True, allow_zero=True)
         for name in ("raise_on_saddle", "warn"):

@@ -11,10 +11,11 @@ minimum-norm one (no net translation, no net rotation for clusters, no motion al
 rattler's free directions).
 
 Eigenvalues come from a dense ``eigh`` of the Hessian on the complement of the known
-modes up to ``StabilityOptions.dense_max_dof`` degrees of freedom, and from LOBPCG on
-Hessian-vector products above that. The thresholds, the probing test for rattlers and
-the LOBPCG stopping rule are stated once, in ``docs/design.md`` ("Zero modes and
-stability"); every knob is a field of :class:`~mdsens.md.options.StabilityOptions`.
+modes up to ``StabilityOptions.dense_max_dof`` degrees of freedom, and above that from
+Lanczos on Hessian-vector products, with LOBPCG taking over when soft modes appear. The
+thresholds, the probing test for rattlers and the stopping rule are stated once, in
+``docs/design.md`` ("Zero modes and stability"); every knob is a field of
+:class:`~mdsens.md.options.StabilityOptions`.
 
 Units: eigenvalues in energy/length² (eV/Å²); modes are dimensionless unit vectors.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -154,8 +155,8 @@ class StabilityReport:
     Attributes:
       eigenvalues: lowest eigenvalues found (ascending), energy/length², on the
         orthogonal complement of the rigid modes and isolated dofs. Dense: all of them
-        (soft ones included); LOBPCG: the soft ones found plus the last block of
-        (at least ``lobpcg_modes``) lowest.
+        (soft ones included); Lanczos: the converged Ritz values; LOBPCG: the soft ones
+        found plus the last block of (at least ``lobpcg_modes``) lowest.
       lambda_min: smallest eigenvalue that is not a declared zero mode (energy/length²);
         ``inf`` if there is none, ``nan`` if LOBPCG ran out of rounds before reaching it.
       lambda_max: largest eigenvalue (energy/length²).
@@ -163,11 +164,10 @@ class StabilityReport:
       soft: ``(s, N, d)`` orthonormal further zero modes, orthogonal to ``rigid``: first
         an orthonormal basis of the isolated dofs' unit vectors orthogonalized against
         the rigid modes, then the soft modes found by the eigen-analysis.
-      method: ``"dense"`` or ``"lobpcg"``.
-      converged: the eigen-solver converged and reached ``lambda_min`` (always True for
-        dense; LOBPCG: its whole block converged, or at least the eigenpairs of the soft
-        modes have residuals ``≤ lobpcg_residual_rtol·λ_max`` and that of
-        ``lambda_min`` ``≤ max(lobpcg_residual_rtol·λ_max, lambda_min_rtol·|λ_min|)``).
+      method: ``"dense"``, ``"lanczos"``, ``"lanczos+lobpcg"`` (Lanczos met a soft mode
+        or did not converge, LOBPCG took over) or ``"lobpcg"``.
+      converged: the eigen-solver reached ``lambda_min`` by the stopping rule of
+        ``docs/design.md`` §5 (always True for dense).
       isolated_dofs: sorted indices into the flattened ``N·d`` coordinates whose Hessian
         row is zero (rattlers; atom ``k // d``, component ``k % d``); see
         :attr:`rattlers` for the atoms.
@@ -302,6 +302,172 @@ def _orthonormal_columns(V: np.ndarray) -> np.ndarray:
     return u[:, s > _RANK_TOL * max(s.max(), 1e-300)]
 
 
+class _Spectrum(NamedTuple):
+    """What an eigen-solver found on the complement of the known modes."""
+
+    eigenvalues: np.ndarray  # reported eigenvalues (ascending)
+    rest: np.ndarray  # eigenvalues that are not soft (λ_min is their minimum)
+    soft: np.ndarray  # (dof, s) orthonormal soft modes found
+    lam_max: float
+    converged: bool
+    exhausted: bool  # LOBPCG ran out of rounds before reaching λ_min
+    method: str
+
+
+def _dense_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
+    n, d = R.shape
+    dof, n_free = R.size, int(free.sum())
+    free_idx = np.flatnonzero(free)
+    kf = Qf.shape[1]
+    # Orthonormal basis of the complement within the free dofs: no eigenpairs of the known
+    # modes to identify and drop (they are never in the problem).
+    Cf = np.linalg.qr(Qf[free_idx], mode="complete")[0][:, kf:] if kf else np.eye(n_free)
+    if Cf.shape[1]:
+        units = jnp.zeros((n_free, dof), jnp.float64).at[np.arange(n_free), free_idx].set(1.0)
+        H = np.asarray(_batched_hvp(energy, R, args, units.reshape(n_free, n, d)))
+        H = H.reshape(n_free, dof)[:, free_idx]  # (n_free, n_free)
+        H = 0.5 * (H + H.T)
+        w, U = np.linalg.eigh(Cf.T @ H @ Cf)
+    else:
+        w, U = np.zeros(0), np.zeros((0, 0))
+    V = np.zeros((dof, w.size))
+    V[free_idx] = Cf @ U
+    lam_max = float(max(abs(w).max(), 1e-300)) if w.size else 0.0
+    soft_mask = np.abs(w) <= o.soft_mode_rtol * lam_max
+    return _Spectrum(w, w[~soft_mask], V[:, soft_mask], lam_max, True, False, "dense")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _lanczos_steps(energy, positions, args, known, free, V, alpha, beta, k0, steps):
+    """``steps`` Lanczos iterations on ``P H P`` from iteration ``k0``, with full
+    reorthogonalization. ``V (m + 1, dof)`` holds the Lanczos vectors as rows (row ``k0``
+    is the current one), ``alpha`` and ``beta (m,)`` the tridiagonal. Jitted with
+    ``energy`` static, like the other Hessian products."""
+    tiny = jnp.finfo(V.dtype).tiny ** 0.5
+
+    def body(i, carry):
+        V, alpha, beta = carry
+        k = k0 + i
+        v = V[k]
+        w = _projected_hvp(energy, positions, args, known, free, v[:, None])[:, 0]
+        a = jnp.vdot(v, w)
+        w = w - a * v - jnp.where(k > 0, beta[jnp.maximum(k - 1, 0)], 0.0) * V[jnp.maximum(k - 1, 0)]
+        built = (jnp.arange(V.shape[0]) <= k)[:, None] * V
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - built.T @ (built @ w)
+        b = jnp.linalg.norm(w)
+        V = V.at[k + 1].set(jnp.where(b > tiny, w / jnp.where(b > tiny, b, 1.0), 0.0))
+        return V, alpha.at[k].set(a), beta.at[k].set(b)
+
+    return jax.lax.fori_loop(0, steps, body, (V, alpha, beta))
+
+
+#: Lanczos iterations between convergence checks on the host.
+_LANCZOS_CHUNK = 20
+
+
+def _lanczos_spectrum(energy, R, args, Qf, free, o) -> Optional[_Spectrum]:
+    """The low spectrum by Lanczos from one random vector (the common case: no soft mode
+    beyond the known ones). ``None`` when a converged soft Ritz pair appears (one vector
+    cannot resolve a degenerate zero eigenspace) or Lanczos does not converge within
+    ``o.maxiter``: the caller then runs LOBPCG. The stopping rule is LOBPCG's."""
+    dof = R.size
+    n_comp = int(free.sum()) - Qf.shape[1]
+    if n_comp <= 0:
+        return _Spectrum(np.zeros(0), np.zeros(0), np.zeros((dof, 0)), 0.0, True, False, "lanczos")
+    m = int(min(o.maxiter, n_comp))
+    m = _LANCZOS_CHUNK * -(-m // _LANCZOS_CHUNK)  # whole chunks (extra rows stay unused)
+    known, free_j = jnp.asarray(Qf), jnp.asarray(free, jnp.float64)
+    v0 = _project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED), (dof, 1), jnp.float64), known, free_j)[:, 0]
+    V = jnp.zeros((m + 1, dof), jnp.float64).at[0].set(v0 / jnp.linalg.norm(v0))
+    alpha, beta = jnp.zeros(m, jnp.float64), jnp.zeros(m, jnp.float64)
+    k = 0
+    while k < m:
+        V, alpha, beta = _lanczos_steps(energy, R, args, known, free_j, V, alpha, beta, k, _LANCZOS_CHUNK)
+        k += _LANCZOS_CHUNK
+        a, b = np.asarray(alpha[:k]), np.asarray(beta[:k])
+        broke = np.flatnonzero(b <= 1e-12 * max(np.abs(a).max(), 1e-300))
+        size = int(broke[0]) + 1 if broke.size else k  # an invariant subspace: exact Ritz values
+        theta, S = np.linalg.eigh(np.diag(a[:size]) + np.diag(b[:size - 1], 1) + np.diag(b[:size - 1], -1))
+        resid = np.abs(b[size - 1] * S[-1]) if not broke.size else np.zeros(size)
+        lam_max = float(max(np.abs(theta).max(), 1e-300))
+        soft = np.abs(theta) <= o.soft_mode_rtol * lam_max
+        if np.any(soft & (resid <= o.residual_rtol * lam_max)):
+            return None  # a soft mode: LOBPCG declares them all
+        j = int(np.argmin(theta))
+        bound = max(o.residual_rtol * lam_max, o.lambda_min_rtol * abs(theta[j]))
+        if not soft[j] and resid[j] <= bound:
+            good = resid <= np.maximum(o.residual_rtol * lam_max, o.lambda_min_rtol * np.abs(theta))
+            return _Spectrum(theta[good], theta[good], np.zeros((dof, 0)), lam_max, True, False, "lanczos")
+        if broke.size or k >= n_comp:
+            break
+    return None
+
+
+def _lobpcg_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
+    dof, n_free = R.size, int(free.sum())
+    free_j = jnp.asarray(free, jnp.float64)
+    lam_max = float(_projected_lambda_max(energy, R, args, jnp.asarray(Qf), free_j))
+    shift = 1.05 * lam_max
+    known = Qf  # grows by the soft modes of rounds that found nothing else
+    soft_found = np.zeros((dof, 0))
+    soft_w = np.zeros(0)
+    block = o.lobpcg_modes
+    converged, exhausted = True, False
+    w, rest = np.zeros(0), np.zeros(0)
+    for round_ in range(o.rounds):
+        n_comp = n_free - known.shape[1]
+        if n_comp <= 0:
+            w, rest = np.zeros(0), np.zeros(0)
+            break
+        m = max(1, min(block, (dof - 1) // 5, n_comp // 3))
+        known_j = jnp.asarray(known)
+        X = _project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED + round_), (dof, m), jnp.float64),
+                     known_j, free_j)
+        # jax's criterion is ‖r‖ < tol·10·n·(θ + ‖A u‖) with θ ≈ ‖A u‖ ≤ 1.05 λ_max: ask for
+        # ‖r‖ ≲ lobpcg_tol·λ_max, whatever n (soft modes' directions are only accurate to
+        # ~‖r‖/λ_min, and they go into the null-space basis).
+        tol = o.lobpcg_tol / (21.0 * dof)
+        done = 0
+        while True:
+            chunk = min(o.lobpcg_chunk, o.maxiter - done)
+            w, U, iters, resid = _lobpcg_lowest(energy, R, args, known_j, free_j, shift, X, chunk, tol)
+            done += int(iters)
+            w, U, resid = np.asarray(w), np.asarray(U), np.asarray(resid)
+            lam_max = max(lam_max, float(np.abs(w).max()))
+            soft_mask = np.abs(w) <= o.soft_mode_rtol * lam_max
+            # The pairs the report depends on: the soft modes and the lowest other one
+            # (λ_min). LOBPCG stops only when its whole block has converged, and the last
+            # pairs of a block lag far behind the first.
+            needed_ok = resid[soft_mask] <= o.residual_rtol * lam_max
+            others = np.flatnonzero(~soft_mask)
+            if others.size:
+                j_min = others[np.argmin(w[others])]
+                bound = max(o.residual_rtol * lam_max, o.lambda_min_rtol * abs(w[j_min]))
+                needed_ok = np.append(needed_ok, resid[j_min] <= bound)
+            reported_ok = bool(np.all(needed_ok))
+            if int(iters) < chunk or reported_ok or done >= o.maxiter:
+                break
+            X = jnp.asarray(U)  # restart from the Ritz vectors
+        if int(iters) >= chunk:  # stopped on the reported pairs, or at the cap
+            converged = converged and reported_ok
+        order = np.argsort(w)
+        w, U, soft_mask = w[order], U[:, order], soft_mask[order]
+        new_soft = _orthonormal_columns(np.asarray(_project(jnp.asarray(U[:, soft_mask]), known_j, free_j)))
+        soft_found = np.concatenate([soft_found, new_soft], axis=1)
+        rest = w[~soft_mask]
+        if rest.size or m >= n_comp:
+            break  # λ_min reached (or the whole complement is soft)
+        # Only soft modes: project them out too and look further with a larger block.
+        soft_w = np.concatenate([soft_w, w])
+        known = np.concatenate([known, new_soft], axis=1)
+        block *= 2
+    else:
+        exhausted, converged = True, False
+    eigenvalues = np.sort(soft_w) if exhausted else np.sort(np.concatenate([soft_w, w]))
+    return _Spectrum(eigenvalues, rest, soft_found, lam_max, converged, exhausted, "lobpcg")
+
+
 def stability(energy: Callable, positions, pbc: bool, options: Optional[StabilityOptions] = None, *,
               args: tuple = ()) -> StabilityReport:
     """Check that ``positions`` is a minimum of ``energy`` and find its zero modes.
@@ -333,7 +499,7 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
     dof = n * d
     method = o.method
     if method == "auto":
-        method = "dense" if dof <= o.dense_max_dof else "lobpcg"
+        method = "dense" if dof <= o.dense_max_dof else "lanczos"
 
     rigid = rigid_modes(R, pbc)
     Q = rigid.reshape(rigid.shape[0], -1).T  # (dof, k) orthonormal, host
@@ -344,126 +510,48 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
         iso = find_isolated_dofs(energy, R, rtol=o.isolated_dof_rtol, args=args)
     free = np.ones(dof, dtype=bool)
     free[iso] = False
-    # Known modes as a mask plus a few dense vectors (see the module docstring): the
-    # rigid modes restricted to the free dofs, re-orthonormalized, span together with
-    # the isolated unit vectors exactly what rigid ∪ isolated span, and are orthogonal
-    # to them (disjoint supports), so projecting onto the complement is "zero the
-    # isolated dofs, then subtract the Q_f components": O(dof·k), and no (r, dof) matrix
-    # of unit vectors, however many rattlers there are.
+    # Known modes as a mask plus a few dense vectors: the rigid modes restricted to the
+    # free dofs, re-orthonormalized, span together with the isolated unit vectors exactly
+    # what rigid ∪ isolated span, and are orthogonal to them (disjoint supports), so the
+    # projection is "zero the isolated dofs, then subtract the Q_f components": O(dof·k),
+    # with no (r, dof) matrix of unit vectors however many rattlers there are.
     Qf = _free_rigid_modes(Q, free)
     iso_modes = _isolated_modes(Q, Qf, iso)  # (m, dof): the report's basis needs them
-    n_free = int(free.sum())
 
-    converged = True
-    exhausted = False
     if method == "dense":
-        free_idx = np.flatnonzero(free)
-        kf = Qf.shape[1]
-        # Orthonormal basis of the complement within the free dofs: no eigenpairs of
-        # the known modes to identify and drop (they are never in the problem).
-        Cf = np.linalg.qr(Qf[free_idx], mode="complete")[0][:, kf:] if kf else np.eye(n_free)
-        if Cf.shape[1]:
-            units = jnp.zeros((n_free, dof), jnp.float64).at[np.arange(n_free), free_idx].set(1.0)
-            H = np.asarray(_batched_hvp(energy, R, args, units.reshape(n_free, n, d)))
-            H = H.reshape(n_free, dof)[:, free_idx]  # (n_free, n_free)
-            H = 0.5 * (H + H.T)
-            w, U = np.linalg.eigh(Cf.T @ H @ Cf)
-        else:
-            w, U = np.zeros(0), np.zeros((0, 0))
-        V = np.zeros((dof, w.size))
-        V[free_idx] = Cf @ U
-        lam_max = float(max(abs(w).max(), 1e-300)) if w.size else 0.0
-        soft_mask = np.abs(w) <= o.soft_mode_rtol * lam_max
-        soft_found = V[:, soft_mask]
-        rest = w[~soft_mask]
-        eigenvalues = w
+        found = _dense_spectrum(energy, R, args, Qf, free, o)
     else:
-        free_j = jnp.asarray(free, jnp.float64)
-        lam_max = float(_projected_lambda_max(energy, R, args, jnp.asarray(Qf), free_j))
-        shift = 1.05 * lam_max
-        known = Qf  # grows by the soft modes of rounds that found nothing else
-        soft_found = np.zeros((dof, 0))
-        soft_w = np.zeros(0)
-        block = o.lobpcg_modes
-        for round_ in range(o.lobpcg_rounds):
-            n_comp = n_free - known.shape[1]
-            if n_comp <= 0:
-                w, rest = np.zeros(0), np.zeros(0)
-                break
-            m = max(1, min(block, (dof - 1) // 5, n_comp // 3))
-            known_j = jnp.asarray(known)
-            X = _project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED + round_), (dof, m), jnp.float64),
-                         known_j, free_j)
-            # jax's criterion is ‖r‖ < tol·10·n·(θ + ‖A u‖) with θ ≈ ‖A u‖ ≤ 1.05 λ_max:
-            # ask for ‖r‖ ≲ LOBPCG_TOL·λ_max, whatever n (soft modes' directions are only
-            # accurate to ~‖r‖/λ_min, and they go into the null-space basis).
-            tol = o.lobpcg_tol / (21.0 * dof)
-            done = 0
-            while True:
-                chunk = min(o.lobpcg_chunk, o.lobpcg_maxiter - done)
-                w, U, iters, resid = _lobpcg_lowest(energy, R, args, known_j, free_j, shift, X, chunk, tol)
-                done += int(iters)
-                w, U, resid = np.asarray(w), np.asarray(U), np.asarray(resid)
-                lam_max = max(lam_max, float(np.abs(w).max()))
-                soft_mask = np.abs(w) <= o.soft_mode_rtol * lam_max
-                # The pairs the report depends on: the soft modes and the lowest other
-                # one (λ_min). LOBPCG stops only when its whole block has converged, and
-                # the last pairs of a block lag far behind the first.
-                needed_ok = resid[soft_mask] <= o.lobpcg_residual_rtol * lam_max
-                others = np.flatnonzero(~soft_mask)
-                if others.size:
-                    j_min = others[np.argmin(w[others])]
-                    bound = max(o.lobpcg_residual_rtol * lam_max, o.lambda_min_rtol * abs(w[j_min]))
-                    needed_ok = np.append(needed_ok, resid[j_min] <= bound)
-                reported_ok = bool(np.all(needed_ok))
-                if int(iters) < chunk or reported_ok or done >= o.lobpcg_maxiter:
-                    break
-                X = jnp.asarray(U)  # restart from the Ritz vectors
-            if int(iters) >= chunk:  # stopped on the reported pairs, or at the cap
-                converged = converged and reported_ok
-            order = np.argsort(w)
-            w, U, soft_mask = w[order], U[:, order], soft_mask[order]
-            new_soft = _orthonormal_columns(np.asarray(_project(jnp.asarray(U[:, soft_mask]), known_j, free_j)))
-            soft_found = np.concatenate([soft_found, new_soft], axis=1)
-            rest = w[~soft_mask]
-            if rest.size or m >= n_comp:
-                break  # λ_min reached (or the whole complement is soft)
-            # Only soft modes: project them out too and look further with a larger block.
-            soft_w = np.concatenate([soft_w, w])
-            known = np.concatenate([known, new_soft], axis=1)
-            block *= 2
-        else:
-            exhausted = True
-            converged = False
-        eigenvalues = np.sort(np.concatenate([soft_w, w])) if not exhausted else np.sort(soft_w)
+        found = _lanczos_spectrum(energy, R, args, Qf, free, o) if method == "lanczos" else None
+        if found is None:  # soft modes, an unconverged Lanczos, or method="lobpcg"
+            found = _lobpcg_spectrum(energy, R, args, Qf, free, o)
+            if method == "lanczos":
+                found = found._replace(method="lanczos+lobpcg")
 
-    soft_all = np.concatenate([iso_modes, soft_found.T], axis=0)
-    soft = soft_all.reshape(-1, n, d)
-    if exhausted:
+    soft = np.concatenate([iso_modes, found.soft.T], axis=0).reshape(-1, n, d)
+    if found.exhausted:
         lam_min = float("nan")
     else:
-        lam_min = float(rest.min()) if rest.size else float("inf")
+        lam_min = float(found.rest.min()) if found.rest.size else float("inf")
     report = StabilityReport(
-        eigenvalues=eigenvalues, lambda_min=lam_min, lambda_max=lam_max, rigid=rigid, soft=soft,
-        method=method, converged=converged, isolated_dofs=iso,
+        eigenvalues=found.eigenvalues, lambda_min=lam_min, lambda_max=found.lam_max, rigid=rigid, soft=soft,
+        method=found.method, converged=found.converged, isolated_dofs=iso,
     )
-    check_spectrum(rest, lam_max, o, "the structure", "the rigid modes", stacklevel=3)
-    if exhausted and o.warn:
+    check_spectrum(found.rest, found.lam_max, o, "the structure", "the rigid modes", stacklevel=3)
+    if found.exhausted and o.warn:
         warnings.warn(
-            f"LOBPCG found only soft modes in {o.lobpcg_rounds} rounds ({soft_found.shape[1]} "
-            "of them, besides the rigid modes and isolated dofs) and did not reach the "
-            "smallest non-zero eigenvalue (lambda_min = nan). The soft modes found are "
-            "declared, but there may be more; use method='dense' if the system is small "
-            "enough, or check the structure for a floppy region.",
+            f"LOBPCG found only soft modes in {o.rounds} rounds ({found.soft.shape[1]} of them, "
+            "besides the rigid modes and isolated dofs) and did not reach the smallest non-zero "
+            "eigenvalue (lambda_min = nan). The soft modes found are declared, but there may be "
+            "more; use StabilityOptions(method='dense') if the system is small enough, or check "
+            "the structure for a floppy region.",
             NearSingularWarning,
             stacklevel=2,
         )
-    elif not converged and o.warn:
+    elif not found.converged and o.warn:
         warnings.warn(
-            f"LOBPCG did not converge in {o.lobpcg_maxiter} iterations (the residuals of the "
-            "soft-mode or smallest eigenpairs exceed lobpcg_residual_rtol·λ_max, and "
-            "lambda_min_rtol·|λ_min| for the smallest); the "
-            f"smallest eigenvalue estimate {lam_min:.6g} is an upper bound.",
+            f"LOBPCG did not converge in {o.maxiter} iterations (the residuals of the soft-mode or "
+            "smallest eigenpairs exceed residual_rtol·λ_max, and lambda_min_rtol·|λ_min| for the "
+            f"smallest); the smallest eigenvalue estimate {lam_min:.6g} is an upper bound.",
             NearSingularWarning,
             stacklevel=2,
         )
