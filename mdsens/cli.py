@@ -41,8 +41,41 @@ EXIT_CODES = {
 }
 
 
+#: Where compiled programs are kept between runs (JAX's persistent compilation cache).
+CACHE_DIR_ENV = "MDSENS_CACHE_DIR"
+#: Set to 0 to run without the persistent compilation cache.
+CACHE_SWITCH_ENV = "MDSENS_COMPILATION_CACHE"
+
+
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
+
+
+def compilation_cache_dir() -> Optional[str]:
+    """The persistent compilation cache of the command, or ``None`` when it is switched
+    off (``MDSENS_COMPILATION_CACHE=0``): ``$MDSENS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/mdsens/xla`` (``~/.cache/mdsens/xla``)."""
+    if os.environ.get(CACHE_SWITCH_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join(root, "mdsens", "xla")
+
+
+def _use_compilation_cache(enabled: bool) -> None:
+    """Turn on JAX's persistent compilation cache for this process (the command only: the
+    library never changes JAX's configuration beyond float64). A second ``mdsens demo``
+    then skips most compilation."""
+    path = compilation_cache_dir() if enabled else None
+    if path is None:
+        return
+    import jax
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return  # an unwritable cache only costs time
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _exit_code(error) -> int:
@@ -492,6 +525,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mdsens", description="Relax atomistic structures and study their sensitivities (JAX, jax-md, ASE).")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="do not keep compiled programs between runs (also: MDSENS_COMPILATION_CACHE=0; "
+                             "the cache lives in $MDSENS_CACHE_DIR or ~/.cache/mdsens/xla)")
     sub = parser.add_subparsers(dest="command", metavar="{relax,info,sensitivity,demo}", parser_class=_Parser)
 
     p = sub.add_parser("relax", help="relax a structure file with a potential")
@@ -541,6 +577,8 @@ def main(argv: Optional[List[str]] = None, out: Optional[TextIO] = None, err: Op
             parser.print_help(out)
             return 2
         import mdsens  # noqa: F401  (float64 before any physics)
+
+        _use_compilation_cache(not args.no_compilation_cache)
 
         if args.command == "info":
             return cmd_info(args, out)

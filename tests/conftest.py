@@ -5,7 +5,11 @@ Tests do not depend on the working directory: bundled files come from :data:`DAT
 
 import os
 
-import mdsens as ms
+# The command's persistent compilation cache stays off in tests: each test measures
+# its own behaviour, and nothing is written to the user's cache directory.
+os.environ.setdefault("MDSENS_COMPILATION_CACHE", "0")
+
+import mdsens as ms  # noqa: E402
 
 #: The bundled data folder (``mdsens/data``), wherever mdsens is installed.
 DATA = str(ms.data.path("README.md").parent)

@@ -122,3 +122,19 @@ def test_console_entry_point_as_module():
     proc = subprocess.run([sys.executable, "-m", "mdsens.cli", "info", LJ13], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "atoms" in proc.stdout and proc.stderr == ""
+
+
+def test_persistent_compilation_cache_is_used_and_can_be_switched_off(tmp_path):
+    """The command keeps compiled programs in $MDSENS_CACHE_DIR; --no-compilation-cache
+    (or MDSENS_COMPILATION_CACHE=0) keeps nothing."""
+    argv = [sys.executable, "-m", "mdsens.cli", "relax", LJ13, "-p", "lj", "--param", "sigma=3.4",
+            "--param", "epsilon=0.0104", "--no-progress"]
+    env = {**os.environ, "MDSENS_COMPILATION_CACHE": "1", "MDSENS_CACHE_DIR": str(tmp_path / "on")}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert any((tmp_path / "on").iterdir())
+    env["MDSENS_CACHE_DIR"] = str(tmp_path / "off")
+    proc = subprocess.run(argv[:3] + ["--no-compilation-cache"] + argv[3:], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "off").exists()
