@@ -39,6 +39,8 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/core.py
 	$(BENCH_VENV)/bin/python benchmarks/relax.py
 	$(BENCH_VENV)/bin/python benchmarks/sensitivity.py
+	$(BENCH_VENV)/bin/python benchmarks/batch.py
+	LD_LIBRARY_PATH=$(BENCH_VENV)/lib $(BENCH_VENV)/bin/python benchmarks/lammps.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""Relaxation time: mdsens vs ASE (FIRE, BFGS) with ASE's own LJ calculator vs plain jax-md FIRE.
+"""Relaxation time: mdsens (L-BFGS, FIRE) vs ASE (FIRE, BFGS) with ASE's own LJ calculator vs plain jax-md FIRE.
 
     python benchmarks/relax.py                 # N = 107, 255, 499, 863 (a few minutes)
     python benchmarks/relax.py --large         # adds N = 2047, 3999, 10975
@@ -12,9 +12,10 @@ Criterion: max atomic |F| < fmax (default 1e-5 eV/Å) everywhere.
 
 Contenders:
 
-* **mdsens** ``make_relax(pot, system)`` (FIRE, automatic neighbor lists from N = 500,
-  final confirmation with a fresh list): *compile+run* is the first call, *run* the
-  median of later calls of the same compiled function.
+* **mdsens** ``make_relax(pot, system)`` (the default L-BFGS, automatic neighbor lists
+  from N = 500, final confirmation with a fresh list): *compile+run* is the first call,
+  *run* the median of later calls of the same compiled function; the same with
+  ``minimizer="fire"`` for the FIRE column.
 * **jax-md** plain ``minimize.fire_descent`` with jax-md's defaults (dt_start 0.1,
   dt_max 0.4, unit mass) and its ``lennard_jones_pair``/``lennard_jones_neighbor_list``
   on ``space.periodic`` — what a jax-md user writes — inside one jitted
@@ -79,11 +80,11 @@ def fmax_of(forces):
 
 
 # ---------------------------------------------------------------------------- mdsens
-def bench_mdsens(atoms, fmax, repeats):
+def bench_mdsens(atoms, fmax, repeats, minimizer="lbfgs"):
     system = System.from_ase(atoms)
     pot = LennardJones(sigma=SIGMA, epsilon=EPS, r_cutoff=RC, r_onset=RO)
     t0 = time.perf_counter()
-    fn = make_relax(pot, system)
+    fn = make_relax(pot, system, minimizer=minimizer)
     res = fn(system, fmax=fmax, max_steps=100_000, progress=False)
     first = time.perf_counter() - t0
     times = []
@@ -189,6 +190,8 @@ def main(argv=None):
         row = {"N": N, "n": n}
         print(f"N={N}: mdsens ...", end="", flush=True)
         row["mdsens"] = bench_mdsens(atoms, args.fmax, args.repeats)
+        print(" mdsens FIRE ...", end="", flush=True)
+        row["mdsens_fire"] = bench_mdsens(atoms, args.fmax, args.repeats, minimizer="fire")
         print(" jax-md ...", end="", flush=True)
         row["jaxmd"] = bench_jaxmd(atoms, args.fmax, 100_000, use_nl=N >= 500)
         ase_repeats = args.repeats if N <= 300 else 1
@@ -227,16 +230,16 @@ def _fmt(x, digits=3):
 
 
 def _table(results):
-    headers = ["N", "mdsens c+r [s]", "mdsens run [s]", "steps",
+    headers = ["N", "mdsens c+r [s]", "mdsens run [s]", "steps", "mdsens FIRE run [s]", "steps",
                "jax-md c+r [s]", "jax-md run [s]", "steps",
                "ASE FIRE [s]", "steps", "ASE BFGS [s]", "steps", "ΔE max [eV]"]
     rows = []
     for r in results:
-        m, j = r["mdsens"], r["jaxmd"]
+        m, mf, j = r["mdsens"], r["mdsens_fire"], r["jaxmd"]
         af, ab = r.get("ase_fire", {}), r.get("ase_bfgs", {})
-        energies = [d["energy"] for d in (m, j, af, ab) if d.get("converged")]
+        energies = [d["energy"] for d in (m, mf, j, af, ab) if d.get("converged")]
         spread = max(energies) - min(energies) if len(energies) > 1 else None
-        rows.append([r["N"], _fmt(m["compile_run_s"]), _fmt(m["run_s"]), m["steps"],
+        rows.append([r["N"], _fmt(m["compile_run_s"]), _fmt(m["run_s"]), m["steps"], _fmt(mf["run_s"]), mf["steps"],
                      _fmt(j.get("compile_run_s")), _fmt(j.get("run_s")), j.get("steps", "-"),
                      _fmt(af.get("run_s")), af.get("steps", "-"), _fmt(ab.get("run_s")), ab.get("steps", "-"),
                      "-" if spread is None else f"{spread:.1e}"])
@@ -244,8 +247,8 @@ def _table(results):
 
 
 def _ratio_table(results):
-    headers = ["N", "jax-md run / mdsens run", "ASE FIRE / mdsens run", "ASE BFGS / mdsens run",
-               "ASE FIRE / mdsens c+r"]
+    headers = ["N", "mdsens FIRE / mdsens run", "jax-md run / mdsens run", "ASE FIRE / mdsens run",
+               "ASE BFGS / mdsens run", "ASE FIRE / mdsens c+r"]
     rows = []
     for r in results:
         base = r["mdsens"]["run_s"]
@@ -253,15 +256,17 @@ def _ratio_table(results):
         j = r["jaxmd"].get("run_s")
         af = r.get("ase_fire", {}).get("run_s")
         ab = r.get("ase_bfgs", {}).get("run_s")
-        rows.append([r["N"], _fmt(j / base if j else None), _fmt(af / base if af else None),
-                     _fmt(ab / base if ab else None), _fmt(af / c_r if af else None)])
+        rows.append([r["N"], _fmt(r["mdsens_fire"]["run_s"] / base), _fmt(j / base if j else None),
+                     _fmt(af / base if af else None), _fmt(ab / base if ab else None),
+                     _fmt(af / c_r if af else None)])
     return headers, rows
 
 
 def _convergence_notes(results, fmax):
     notes = []
     for r in results:
-        for key, name in (("mdsens", "mdsens"), ("jaxmd", "jax-md"), ("ase_fire", "ASE FIRE"), ("ase_bfgs", "ASE BFGS")):
+        for key, name in (("mdsens", "mdsens"), ("mdsens_fire", "mdsens FIRE"), ("jaxmd", "jax-md"),
+                          ("ase_fire", "ASE FIRE"), ("ase_bfgs", "ASE BFGS")):
             d = r.get(key)
             if d and "note" in d:
                 notes.append(f"N={r['N']}: {name}: {d['note']}")

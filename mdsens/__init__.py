@@ -32,9 +32,11 @@ from mdsens.implicit import (  # noqa: E402
 )
 from mdsens.md import (  # noqa: E402
     FIRE,
+    BatchRelaxResult,
     CutoffError,
     ElasticConstants,
     GradientDescent,
+    LBFGS,
     NearSingularWarning,
     NeighborListError,
     NeighborListOptions,
@@ -62,6 +64,7 @@ from mdsens.md import (  # noqa: E402
     potentials,
     read,
     relax,
+    relax_batch,
     sensitivity,
     write,
 )

@@ -2,7 +2,7 @@
 
     mdsens info FILE
     mdsens relax FILE --potential lj --param sigma=3.4 --param epsilon=0.0104 \\
-                 [--fmax 1e-6] [--max-steps N] [--method fire] [--relax-cell] [-o OUT [--force]]
+                 [--fmax 1e-6] [--max-steps N] [--method lbfgs] [--relax-cell] [-o OUT [--force]]
     mdsens sensitivity FILE --potential lj --param ... [--wrt sigma,epsilon] [--csv F] [--json F]
     mdsens demo [-o DIR]
 
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="potential parameter, repeatable (e.g. sigma=3.4; per species: sigma=A:1.0,B:1.4)")
     p.add_argument("--fmax", type=float, default=1e-6, help="force criterion, max atomic |F| (default 1e-6)")
     p.add_argument("--max-steps", type=int, default=20_000, help="iteration budget (default 20000)")
-    p.add_argument("--method", choices=["fire", "gradient_descent"], default="fire")
+    p.add_argument("--method", choices=["lbfgs", "fire", "gradient_descent"], default="lbfgs")
     p.add_argument("--relax-cell", action="store_true", help="also relax the cell to zero stress")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.add_argument("-o", "--output", help="write the relaxed structure (format from the name)")

@@ -114,7 +114,7 @@ def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
     np.testing.assert_allclose(float(reverse), float(np.vdot(u, dense)), rtol=1e-8)
 
 
-def test_fire_and_gradient_descent_give_the_same_derivative(packing):
+def test_every_minimizer_gives_the_same_derivative(packing):
     system, pot, result = packing
 
     def energy_derivative(method):
@@ -123,9 +123,10 @@ def test_fire_and_gradient_descent_give_the_same_derivative(packing):
                          neighbor_list=False, max_steps=200_000).energy
         return jax.grad(e)(pot.params)
 
-    fire, gd = energy_derivative("fire"), energy_derivative("gradient_descent")
+    fire, gd, lbfgs = (energy_derivative(m) for m in ("fire", "gradient_descent", "lbfgs"))
     for k in fire:
         np.testing.assert_allclose(fire[k], gd[k], rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(lbfgs[k], gd[k], rtol=1e-7, atol=1e-10)
 
 
 def test_vmap_over_parameter_sets_uses_the_device_loop(cluster):

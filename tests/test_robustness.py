@@ -257,6 +257,14 @@ def test_coincident_atoms_are_an_error_not_nan():
         ms.potentials.LennardJones().energy(_dimer(0.0))
 
 
+def test_finiteness_check_lets_parameter_derivatives_through():
+    # the NaN guard of the host wrappers must not break jacfwd/grad over the parameters
+    pot = ms.potentials.LennardJones(sigma=1.0, epsilon=1.0)
+    r = 1.3
+    d_energy = jax.jacfwd(lambda e: pot.energy(_dimer(r), {**pot.params, "epsilon": e}))(1.0)
+    np.testing.assert_allclose(d_energy, 4 * (r**-12 - r**-6), rtol=1e-12)
+
+
 # ------------------------------------------------------------------------- 11., 12., 15. files
 def test_partial_occupancy_cif_is_refused(tmp_path):
     path = tmp_path / "alloy.cif"

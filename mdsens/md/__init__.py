@@ -10,6 +10,7 @@ modules, from the bottom up (see ``docs/design.md``):
 """
 
 from mdsens.md import neighbors, potentials, strain, zero_modes
+from mdsens.md.batch import BatchRelaxResult, relax_batch
 from mdsens.md.driver import RelaxResult
 from mdsens.md.elastic import ElasticConstants, elastic_constants, make_elastic_constants
 from mdsens.md.errors import (
@@ -29,7 +30,7 @@ from mdsens.md.errors import (
     UnknownParameterError,
 )
 from mdsens.md.io import read, write
-from mdsens.md.options import FIRE, GradientDescent, NeighborListOptions, StabilityOptions
+from mdsens.md.options import FIRE, LBFGS, GradientDescent, NeighborListOptions, StabilityOptions
 from mdsens.md.relaxation import make_relax, relax
 from mdsens.md.sensitivity import (
     Sensitivity,

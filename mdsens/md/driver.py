@@ -31,7 +31,7 @@ import numpy as np
 from mdsens._config import require_x64
 from mdsens.md import minimize, neighbors
 from mdsens.md.errors import NotConvergedWarning, RelaxError
-from mdsens.md.options import FIRE, as_minimizer, as_neighbor_list
+from mdsens.md.options import DEFAULT_MINIMIZER, as_minimizer, as_neighbor_list
 from mdsens.md.strain import energy_forces_stress
 from mdsens.md.system import System
 
@@ -87,7 +87,8 @@ class HostRelaxation:
     returns a :class:`RelaxResult`. Options are those of ``ms.relax``.
     """
 
-    def __init__(self, pot, system: System, *, minimizer=FIRE(), relax_cell: bool = False, neighbor_list=None):
+    def __init__(self, pot, system: System, *, minimizer=DEFAULT_MINIMIZER, relax_cell: bool = False,
+                 neighbor_list=None):
         require_x64("relaxation")
         self.minimizer = as_minimizer(minimizer)
         self.neighbor_options = as_neighbor_list(neighbor_list)
@@ -267,7 +268,7 @@ def _raise_if_not_finite(state, system):
             f"the energy or forces became NaN/inf after {int(state.step)} steps while relaxing "
             f"{system!r}. Usual causes: overlapping atoms (check the structure's shortest "
             "distance), parameters outside the potential's range, or a step too large (lower "
-            "FIRE(maxstep=..., dt_max=...), or GradientDescent(step_size=...))."
+            "LBFGS(maxstep=...), FIRE(maxstep=..., dt_max=...), or GradientDescent(step_size=...))."
         )
 
 

@@ -40,7 +40,7 @@ from jax_md import minimize as jax_md_minimize
 
 from mdsens.md import neighbors
 from mdsens.md.errors import RelaxError
-from mdsens.md.options import FIRE, GradientDescent
+from mdsens.md.options import FIRE, LBFGS, GradientDescent
 from mdsens.md.space import wrap_positions
 
 __all__ = [
@@ -50,13 +50,17 @@ __all__ = [
     "max_curvature",
     "MinimizerState",
     "GradientDescentState",
+    "LBFGSState",
     "fire",
+    "lbfgs",
     "gradient_descent",
     "minimizer",
     "run",
     "MinimizeResult",
     "fire_minimize",
     "gradient_descent_minimize",
+    "lbfgs_minimize",
+    "minimize",
     "gradient_descent_map",
     "max_norm",
 ]
@@ -261,6 +265,144 @@ def gradient_descent(problem: Problem, options: GradientDescent = GradientDescen
     return init, step
 
 
+class LBFGSState(NamedTuple):
+    """State of :func:`lbfgs` (a pytree).
+
+    Attributes:
+      position: the variable ``X``.
+      energy, gradient: ``U(X)`` and ``∂U/∂X``.
+      s, y: ``(memory, *X.shape)`` ring buffers of steps and gradient changes.
+      rho: ``(memory,)``, ``1 / sᵀy`` of the stored pairs.
+      head: int32, slot of the next pair; ``count``: int32, pairs stored (``<= memory``).
+      h0: the reset step scale ``1/λ_max`` (length²/energy).
+      evaluations: int32, energy-and-gradient evaluations so far (line-search trials included).
+    """
+
+    position: jax.Array
+    energy: jax.Array
+    gradient: jax.Array
+    s: jax.Array
+    y: jax.Array
+    rho: jax.Array
+    head: jax.Array
+    count: jax.Array
+    h0: jax.Array
+    evaluations: jax.Array
+
+
+def _two_loop(g, s, y, rho, head, count, h0):
+    """``−H g`` by the L-BFGS two-loop recursion over the ``count`` newest pairs."""
+    m = s.shape[0]
+
+    def newest_first(i, carry):
+        q, alpha = carry
+        j = (head - 1 - i) % m
+        a = jnp.where(i < count, rho[j] * jnp.vdot(s[j], q), 0.0)
+        return q - a * y[j], alpha.at[j].set(a)
+
+    q, alpha = lax.fori_loop(0, m, newest_first, (g, jnp.zeros_like(rho)))
+    last = (head - 1) % m
+    gamma = jnp.where(count > 0, 1.0 / (rho[last] * jnp.maximum(jnp.vdot(y[last], y[last]), 1e-300)), h0)
+    r = gamma * q
+
+    def oldest_first(k, r):
+        i = m - 1 - k
+        j = (head - 1 - i) % m
+        b = rho[j] * jnp.vdot(y[j], r)
+        return r + jnp.where(i < count, alpha[j] - b, 0.0) * s[j]
+
+    return -lax.fori_loop(0, m, oldest_first, r)
+
+
+def lbfgs(problem: Problem, options: LBFGS = LBFGS(), neighbor_update: Optional[Callable] = None):
+    """``(init, step)`` for L-BFGS with a backtracking line search on ``problem``.
+
+    ``init(X, params, cell, neighbor, h0=None) -> MinimizerState`` (``h0`` defaults to
+    ``1 /`` :func:`max_curvature`); ``step(state, params, cell) -> MinimizerState``. Each
+    step costs one energy-and-gradient evaluation when the first trial is accepted (the
+    usual case) and one more per backtrack; ``state.inner.evaluations`` counts them.
+    """
+    value_and_grad = jax.value_and_grad(problem.energy)
+    m = options.memory
+
+    def init(X, params, cell, neighbor, h0=None):
+        if h0 is None:
+            h0 = 1.0 / max_curvature(problem.energy, X, params, cell, neighbor)
+        E, g = value_and_grad(X, params, cell, neighbor)
+        inner = LBFGSState(X, E, g, jnp.zeros((m,) + X.shape, X.dtype), jnp.zeros((m,) + X.shape, X.dtype),
+                           jnp.zeros((m,), X.dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                           jnp.asarray(h0, X.dtype), jnp.ones((), jnp.int32))
+        fmax, smax = problem.residuals(X, g, cell)
+        return MinimizerState(inner, neighbor, jnp.zeros((), jnp.int32), fmax, smax)
+
+    def trial(X, dX, params, cell, neighbor):
+        X_new = problem.shift(X, dX, cell, None)
+        nb = neighbor
+        if neighbor is not None:
+            R, cell_now = problem.physical(X_new, cell)
+            nb = neighbor_update(R, neighbor, cell_now)
+        E, g = value_and_grad(X_new, params, cell, nb)
+        return X_new, nb, E, g
+
+    def step(state, params, cell):
+        st = state.inner
+        X, E, g = st.position, st.energy, st.gradient
+        d = _two_loop(g, st.s, st.y, st.rho, st.head, st.count, st.h0)
+        slope = jnp.vdot(g, d)
+        descent = slope < 0
+        # Not a descent direction (round-off in the memory): restart from steepest descent.
+        d = jnp.where(descent, d, -st.h0 * g)
+        slope = jnp.where(descent, slope, -st.h0 * jnp.vdot(g, g))
+        d = _limit(d, options.maxstep)
+        slope = jnp.vdot(g, d)
+        # Energy differences below this are round-off; the Armijo test cannot see them.
+        noise = 64 * jnp.finfo(X.dtype).eps * (jnp.abs(E) + 1.0)
+
+        def searching(c):
+            ok, tries, _, _, nb, *_ = c
+            # An overflowed list gives wrong energies: stop, and let the host reallocate.
+            return ~ok & (tries < options.max_backtracks) & ~neighbors.needs_reallocation(nb)
+
+        def backtrack(c):
+            _, tries, alpha, *_ = c
+            X_new, nb, E_new, g_new = trial(X, alpha * d, params, cell, state.neighbor)
+            ok = jnp.isfinite(E_new) & (E_new <= E + options.armijo * alpha * slope + noise)
+            ok = ok & ~neighbors.needs_reallocation(nb)
+            # Minimum of the quadratic through E, slope and E_new, kept within [0.1, 0.5] α.
+            curvature = E_new - E - alpha * slope
+            guess = -slope * alpha**2 / (2 * jnp.where(curvature > 0, curvature, 1.0))
+            shrunk = jnp.clip(jnp.where((curvature > 0) & jnp.isfinite(guess), guess, 0.5 * alpha),
+                              0.1 * alpha, 0.5 * alpha)
+            return ok, tries + 1, jnp.where(ok, alpha, shrunk), X_new, nb, E_new, g_new
+
+        first = (jnp.zeros((), bool), jnp.zeros((), jnp.int32), jnp.ones((), X.dtype), X, state.neighbor, E, g)
+        ok, tries, alpha, X_new, nb, E_new, g_new = lax.while_loop(searching, backtrack, first)
+
+        s_new = alpha * d
+        y_new = g_new - g
+        sy = jnp.vdot(s_new, y_new)
+        store = ok & (sy > 1e-12 * jnp.linalg.norm(s_new) * jnp.linalg.norm(y_new))
+        head = st.head
+        s_buf = jnp.where(store, st.s.at[head].set(s_new), st.s)
+        y_buf = jnp.where(store, st.y.at[head].set(y_new), st.y)
+        rho = jnp.where(store, st.rho.at[head].set(1.0 / jnp.where(store, sy, 1.0)), st.rho)
+        head = jnp.where(store, (head + 1) % m, head)
+        count = jnp.where(ok, jnp.where(store, jnp.minimum(st.count + 1, m), st.count), 0)
+
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        X_out, E_out, g_out = keep((X_new, E_new, g_new), (X, E, g))
+        # A failed search keeps the old list, unless the trial's overflowed: the host must see that.
+        nb_out = None
+        if state.neighbor is not None:
+            nb_out = jax.tree_util.tree_map(lambda a, b: jnp.where(ok | neighbors.needs_reallocation(nb), a, b),
+                                            nb, state.neighbor)
+        inner = LBFGSState(X_out, E_out, g_out, s_buf, y_buf, rho, head, count, st.h0, st.evaluations + tries)
+        fmax, smax = problem.residuals(X_out, g_out, cell)
+        return MinimizerState(inner, nb_out, state.step + 1, fmax, smax)
+
+    return init, step
+
+
 def _updated(problem, neighbor_update, state, cell):
     """The neighbor list updated to the state's physical positions (``None`` stays)."""
     if state.neighbor is None:
@@ -270,14 +412,18 @@ def _updated(problem, neighbor_update, state, cell):
 
 
 def minimizer(problem: Problem, options, neighbor_update: Optional[Callable] = None):
-    """``(init, step)`` of the method ``options`` names (:class:`FIRE` or :class:`GradientDescent`).
+    """``(init, step)`` of the method ``options`` names (:class:`FIRE`, :class:`LBFGS` or
+    :class:`GradientDescent`).
 
     ``init(X, params, cell, neighbor)`` takes the method's default mass / step size.
     """
     if isinstance(options, FIRE):
         init, step = fire(problem, options, neighbor_update)
-        return (lambda X, params, cell, neighbor: init(X, params, cell, neighbor)), step
-    return gradient_descent(problem, options, neighbor_update)
+    elif isinstance(options, LBFGS):
+        init, step = lbfgs(problem, options, neighbor_update)
+    else:
+        return gradient_descent(problem, options, neighbor_update)
+    return (lambda X, params, cell, neighbor: init(X, params, cell, neighbor)), step
 
 
 def run(step: Callable, state: MinimizerState, params, cell, fmax, stress_tol, max_steps) -> MinimizerState:
@@ -362,6 +508,23 @@ def gradient_descent_minimize(energy_fn: Callable, positions, params, cell=None,
     Same contract as :func:`fire_minimize`; ``options.step_size`` η (length²/energy)
     defaults to ``1 / λ_max``.
     """
+    return _minimize(energy_fn, positions, params, cell, options, fmax, max_steps, neighbor, neighbor_update)
+
+
+def lbfgs_minimize(energy_fn: Callable, positions, params, cell=None, *, fmax=1e-6, max_steps=20_000,
+                   options: LBFGS = LBFGS(), neighbor=None, neighbor_update: Optional[Callable] = None
+                   ) -> MinimizeResult:
+    """Minimize ``energy_fn`` over positions with :func:`lbfgs` until ``max_i |F_i| < fmax``.
+
+    Same contract as :func:`fire_minimize`.
+    """
+    return _minimize(energy_fn, positions, params, cell, options, fmax, max_steps, neighbor, neighbor_update)
+
+
+def minimize(energy_fn: Callable, positions, params, cell=None, *, fmax=1e-6, max_steps=20_000,
+             options=FIRE(), neighbor=None, neighbor_update: Optional[Callable] = None) -> MinimizeResult:
+    """Minimize with the method ``options`` names (:class:`FIRE`, :class:`LBFGS` or
+    :class:`GradientDescent`); same contract as :func:`fire_minimize`."""
     return _minimize(energy_fn, positions, params, cell, options, fmax, max_steps, neighbor, neighbor_update)
 
 

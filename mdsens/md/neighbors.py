@@ -106,12 +106,23 @@ class Neighbors:
         return f"Neighbors(N={self.idx.shape[0]}, capacity={self.idx.shape[1]}, cutoff={self.cutoff:g})"
 
 
+# Not MALFORMED_BOX: jax-md 0.2.29 sets that bit for every *valid* (upper-triangular)
+# box (its predicate is inverted); mdsens always hands it the metric box.
+_REALLOCATE = partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW | partition.PEC.CELL_SIZE_TOO_SMALL
+
+
 def _needs_reallocation(nbrs) -> bool:
-    code = int(nbrs.error.code)
-    bad = partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW | partition.PEC.CELL_SIZE_TOO_SMALL
-    # Not MALFORMED_BOX: jax-md 0.2.29 sets that bit for every *valid* (upper-triangular)
-    # box (its predicate is inverted); mdsens always hands it the metric box.
-    return bool(code & bad)
+    return bool(int(nbrs.error.code) & _REALLOCATE)
+
+
+def needs_reallocation(neighbor):
+    """Traced form of :meth:`Neighbors.needs_reallocation`: a bool array (False for ``None``).
+
+    For pure loops that must keep a failed trial's flag for the host to see.
+    """
+    if neighbor is None:
+        return jnp.zeros((), bool)
+    return (neighbor.nbrs.error.code & _REALLOCATE) != 0
 
 
 class NeighborIndices(NamedTuple):

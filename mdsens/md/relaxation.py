@@ -42,7 +42,7 @@ from mdsens.md import cache, minimize, neighbors, zero_modes
 from mdsens.md.cell_relaxation import CellRelaxation
 from mdsens.md.driver import DEFAULT_FMAX, DEFAULT_MAX_STEPS, HostRelaxation, RelaxResult
 from mdsens.md.errors import NotConvergedWarning
-from mdsens.md.options import FIRE, as_minimizer, as_neighbor_list, as_stability
+from mdsens.md.options import DEFAULT_MINIMIZER, as_minimizer, as_neighbor_list, as_stability
 from mdsens.md.strain import energy_forces_stress
 from mdsens.md.system import System
 from mdsens.md.layer import is_traced, python_scalar, relaxation_root
@@ -85,7 +85,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
     (N, species, pbc) and any positions, cell and parameters does not recompile.
     """
 
-    def __init__(self, pot, system: System, *, relax_cell: bool = False, minimizer=FIRE(),
+    def __init__(self, pot, system: System, *, relax_cell: bool = False, minimizer=DEFAULT_MINIMIZER,
                  neighbor_list=None, solve=None, stability=True, on_failure: str = "raise"):
         self.pot = pot
         self.template = system
@@ -110,24 +110,26 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         if not is_traced((params, system.positions, system.cell)):
             # Nothing to differentiate: the host relaxation as is.
             return self.host(system, params, **criteria)
-        R, aux = self._relaxed_positions(system, criteria)(system.positions, params, system.cell)
-        return self._outputs(system, R, aux, params, fmax, max_steps)
+        # fmax and max_steps are arguments of the solver, not closed over: under jit they
+        # are tracers, and JAX re-traces the solver when it linearizes.
+        R, aux = self._relaxed_positions(progress)(system.positions, params, system.cell, fmax, max_steps)
+        return self._outputs(system, R, aux, params)
 
     # -- the implicit layer ---------------------------------------------------------------
-    def _relaxed_positions(self, template, criteria):
-        host, pot, stability = self.host, self.pot, self.stability
+    def _relaxed_positions(self, progress):
+        host, template, stability = self.host, self.template, self.stability
         energy_fn = host.energy_fn
         grad_E = relaxation_condition(energy_fn)
 
-        def F(R, aux, params, cell):
+        def F(R, aux, params, cell, fmax, max_steps):
             return grad_E(R, params, cell, neighbors.indices_only(aux.neighbor))
 
         @relaxation_root(F, self.solve, self.on_failure)
-        def relaxed_positions(init, params, cell):
-            if is_traced((init, params, cell)):
-                return self._on_device(init, params, cell, criteria)
+        def relaxed_positions(init, params, cell, fmax, max_steps):
+            if is_traced((init, params, cell, fmax, max_steps)):
+                return self._on_device(init, params, cell, fmax, max_steps, progress)
             start = template.replace(positions=init, cell=cell)
-            done = host(start, params, **criteria)
+            done = host(start, params, fmax=float(fmax), max_steps=int(max_steps), progress=progress)
             R = done.system.positions
             nb_idx = neighbors.indices_only(done.neighbor)
             if stability is not None:
@@ -141,7 +143,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
 
         return relaxed_positions
 
-    def _on_device(self, init, params, cell, criteria):
+    def _on_device(self, init, params, cell, fmax, max_steps, progress):
         """The traced path: the pure minimizer, rigid modes as the null space."""
         if self.host.use_nl:
             raise OptionError(
@@ -151,18 +153,15 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
                 "neighbor_list=False (dense and exact), or differentiate with "
                 "ms.sensitivity(result, pot)."
             )
-        if criteria["progress"]:
+        if progress:
             raise OptionError("progress=True needs the host loop; it is not available under jit/vmap.")
-        fmax, max_steps = criteria["fmax"], criteria["max_steps"]
-        minimize_fn = (minimize.fire_minimize if isinstance(self.host.minimizer, FIRE)
-                       else minimize.gradient_descent_minimize)
-        out = minimize_fn(self.host.energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps,
-                          options=self.host.minimizer)
+        out = minimize.minimize(self.host.energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps,
+                                options=self.host.minimizer)
         basis = zero_modes.rigid_modes(out.positions, self.template.pbc)
-        jax.debug.callback(functools.partial(_warn_if_not_converged, fmax, max_steps), out.fmax, out.steps)
+        jax.debug.callback(_warn_if_not_converged, fmax, max_steps, out.fmax, out.steps)
         return out.positions, RelaxAux(None, basis, out.steps, out.fmax, out.fmax < fmax)
 
-    def _outputs(self, system, R, aux, params, fmax, max_steps):
+    def _outputs(self, system, R, aux, params):
         relaxed = system.replace(positions=R)
         nb = neighbors.indices_only(aux.neighbor)
         energy, forces, stress = energy_forces_stress(self.host.energy_fn, R, params, system.cell, nb)
@@ -171,12 +170,14 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
 
 
 def _warn_if_not_converged(target, max_steps, fmax_now, steps):
-    fmax_now = np.atleast_1d(np.asarray(fmax_now))
-    if np.all(fmax_now < target):
+    fmax_now, target = np.atleast_1d(np.asarray(fmax_now)), np.asarray(target)
+    done = fmax_now < target
+    if np.all(done):
         return
+    which = "" if fmax_now.size == 1 else f" for {int(np.sum(~done))} of {fmax_now.size} structures"
     warnings.warn(
-        f"relaxation did not converge in {int(np.max(steps))} steps (max_steps={max_steps}): "
-        f"fmax = {float(np.max(fmax_now)):.3g} (target {target:.3g}); its derivatives are "
+        f"relaxation did not converge{which} in {int(np.max(steps))} steps (max_steps={int(np.max(max_steps))}): "
+        f"fmax = {float(np.max(fmax_now)):.3g} (target {float(np.min(target)):.3g}); its derivatives are "
         "only as accurate as the relaxation (Theorem 1). Raise max_steps or loosen fmax.",
         NotConvergedWarning,
         stacklevel=2,
@@ -185,7 +186,7 @@ def _warn_if_not_converged(target, max_steps, fmax_now, steps):
 
 def relax(system: System, pot, *, params=None, fmax: float = DEFAULT_FMAX, max_steps: int = DEFAULT_MAX_STEPS,
           relax_cell: bool = False, stress_tol: Optional[float] = None, progress: Optional[bool] = None,
-          minimizer=FIRE(), neighbor_list=None, solve=None, stability=True, on_failure: str = "raise"
+          minimizer=DEFAULT_MINIMIZER, neighbor_list=None, solve=None, stability=True, on_failure: str = "raise"
           ) -> RelaxResult:
     """Relax ``system`` under ``pot``; differentiable w.r.t. ``params`` and ``system.cell``.
 
@@ -200,8 +201,9 @@ def relax(system: System, pot, *, params=None, fmax: float = DEFAULT_FMAX, max_s
       stress_tol: stress criterion ``max |σ_ab| < stress_tol`` (eV/Å³; eV/Å² in 2D) with
         ``relax_cell``; default ``fmax · cell_factor / V`` (ASE ``UnitCellFilter``'s).
       progress: show a progress bar; default: when stderr is a terminal.
-      minimizer: ``"fire"`` / :class:`~mdsens.FIRE` (default) or ``"gradient_descent"`` /
-        :class:`~mdsens.GradientDescent`, with their options.
+      minimizer: ``"lbfgs"`` / :class:`~mdsens.LBFGS` (default), ``"fire"`` /
+        :class:`~mdsens.FIRE` or ``"gradient_descent"`` / :class:`~mdsens.GradientDescent`,
+        with their options.
       neighbor_list: ``None`` (automatic: ``N >= pot.neighbor_list_min_atoms``), ``True``,
         ``False``, or :class:`~mdsens.NeighborListOptions`.
       solve: linear solver of the implicit derivative (default CG, relative tolerance

@@ -39,6 +39,7 @@ from jax_md import space
 from mdsens._config import require_x64
 from mdsens.md import cache, neighbors
 from mdsens.md.errors import CutoffError, ParameterError, PotentialError, SpeciesError
+from mdsens.md.layer import is_traced
 from mdsens.md.space import free_displacement, perpendicular_widths, periodic_general_displacement
 from mdsens.md.strain import stress_from_energy
 from mdsens.md.system import System
@@ -351,6 +352,10 @@ class Potential:
         nbrs = self.neighbor_list(system, params) if use_nl else None
         fn = jax.jit(lambda R, p, C, nb: what(E, R, p, C, nb))
         out = fn(system.positions, params, system.cell, nbrs)
+        if is_traced(out):
+            # under jvp/vmap of the caller the values are not known here; the caller's
+            # own primal run checks them
+            return out
         if not bool(np.all(np.isfinite(np.asarray(out)))):
             raise PotentialError(
                 f"{self.name} gives a NaN/inf energy or force for {system!r}. Usual causes: two "
