@@ -45,7 +45,7 @@ def main(argv=None):
     pot = ms.potentials.StillingerWeber()
     res = ms.relax(system, pot, fmax=1e-10, max_steps=100_000)
     assert res.converged
-    timer(f"relaxed {system}: {res.steps} FIRE steps, E* = {float(res.energy) / system.n_atoms:.6f} eV/atom")
+    timer(f"relaxed {system}: {res.steps} L-BFGS steps, E* = {float(res.energy) / system.n_atoms:.6f} eV/atom")
 
     C = ms.elastic_constants(res, pot).to_gpa()
     timer("clamped- and relaxed-ion elastic constants (6 implicit solves, compile included)")

@@ -7,7 +7,7 @@ Lennard-Jones σ whose relaxed structure R*(σ) matches it, by gradient descent 
 
 ``jax.grad(L)`` differentiates through the relaxation in **reverse mode** by implicit
 differentiation: one transposed linear solve with the Hessian per gradient, whatever
-the number of parameters and of FIRE steps (none is unrolled).
+the number of parameters and of minimizer steps (none is unrolled).
 
 Data: the bundled 13-atom argon icosahedron (``mdsens/data/lj13_ar.xyz``, rattled). The target
 is its relaxation with σ = 3.4 Å, ε = 0.0104 eV (cutoff tied to σ); the fit starts

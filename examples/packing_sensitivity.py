@@ -6,7 +6,7 @@ packing (diameters σ_A = 1.0, σ_B = 1.4, packing fraction 0.90, reduced units)
 differentiate the relaxed positions R* w.r.t. the diameter of the small particles σ_A.
 
 * Implicit differentiation, forward mode: ``ms.sensitivity`` solves
-  H dR*/dθ = −∂²E/∂R∂θ (one CG solve with the Hessian H, never unrolling FIRE).
+  H dR*/dθ = −∂²E/∂R∂θ (one CG solve with the Hessian H, never unrolling the minimizer).
   The direction "σ_A grows by 1" changes the additive mixing matrix
   σ_ij = (σ_i + σ_j)/2 by dσ = [[1, ½], [½, 0]].
 * Independent check: central finite differences of re-relaxed packings,
@@ -53,7 +53,7 @@ def main(argv=None):
     relax_fn = ms.make_relax(pot, system)
     res = relax_fn(system, fmax=args.fmax, max_steps=200_000)
     assert res.converged, "relaxation did not converge"
-    timer(f"relaxed: {res.steps} FIRE steps, fmax = {res.fmax:.2e}, E* = {float(res.energy):.6g}")
+    timer(f"relaxed: {res.steps} L-BFGS steps, fmax = {res.fmax:.2e}, E* = {float(res.energy):.6g}")
 
     # d(params) for "σ_A grows by 1" (additive mixing); ε and α do not change.
     tangent = {k: np.zeros(np.shape(v)) for k, v in pot.params.items()}

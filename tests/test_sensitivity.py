@@ -144,7 +144,9 @@ def test_lj_periodic_scale_invariance_params_and_cell(lj_crystal_2d):
 @pytest.fixture(scope="module")
 def soft_packing():
     N, phi = 48, 0.90
-    rng = np.random.default_rng(1)
+    # seed 2: L-BFGS's minimum has no rattler (seed 1's has two, and FD cannot be compared
+    # in the rattlers' arbitrary gauge); λ_min = 0.023
+    rng = np.random.default_rng(2)
     species = np.array([0] * (N // 2) + [1] * (N // 2))
     diam = np.array([1.0, 1.4])
     L = np.sqrt(np.sum(np.pi * (diam[species] / 2) ** 2) / phi)
