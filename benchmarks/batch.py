@@ -127,6 +127,8 @@ def main(argv=None):
     sys.path.insert(0, HERE)
     from _common import describe_machine, dump_json, format_machine, format_table
 
+    import mdsens  # noqa: F401  (float64, as in the measuring processes)
+
     machine = describe_machine()
     print(format_machine(machine))
     print(f"paper packing N = 128 (D = 0.6, φ = 0.98), fmax = {args.fmax:g}; median of {args.repeats}\n",

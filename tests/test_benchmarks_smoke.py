@@ -54,3 +54,25 @@ def test_sensitivity_benchmark_smoke_stillinger_weber():
     (result,) = _run_sensitivity_benchmark("--soft-sizes", "--si-reps", "2")
     assert result["system"] == "SW Si + vacancy", result
     assert result["ref"] == "pinv" and result["fwd_err"] < 1e-8, result
+
+
+@pytest.mark.slow  # two subprocesses compiling a batched relaxation
+def test_batch_benchmark_smoke(tmp_path):
+    """benchmarks/batch.py on 2 packings, 1 and 2 forced host devices: the sharded batch
+    reaches the same minima as the loop of ms.relax (energies to round-off)."""
+    import json
+
+    out_json = tmp_path / "batch.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "batch.py"), "--batch", "2", "--devices", "1", "2",
+         "--repeats", "1", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loop / batch" in proc.stdout, proc.stdout
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["devices"] for r in rows] == [1, 2]
+    loop = rows[0]["loop_energy"]
+    for r in rows:
+        assert r["batch_converged"] == 2
+        assert max(abs(a - b) for a, b in zip(r["batch_energy"], loop)) < 1e-10 * max(abs(e) for e in loop)

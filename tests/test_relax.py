@@ -139,7 +139,7 @@ def test_lj13_agrees_with_ase_bfgs_in_ev_units():
 # ----------------------------------------------------------------- cell relaxation
 @pytest.mark.parametrize("minimizer", ["fire", "lbfgs"])
 def test_relax_cell_fcc_lattice_constant_matches_scalar_minimization(minimizer):
-    rc, ro, fmax = 7.5, 6.0, 1e-6
+    rc, ro, fmax = 7.5, 6.0, 1e-7
     calc = AseLJ(sigma=SIGMA, epsilon=EPS, rc=rc, ro=ro, smooth=True)
 
     def e_of_a(a):  # independent truth: ASE energies of the perfect crystal vs a
@@ -155,8 +155,9 @@ def test_relax_cell_fcc_lattice_constant_matches_scalar_minimization(minimizer):
                 fmax=fmax, relax_cell=True, minimizer=minimizer)
     assert res.converged
     cell = np.asarray(res.system.cell)
-    # The stress criterion (~3e-8 eV/Å³ here) against moduli ~1e-2 eV/Å³ leaves strains
-    # of a few 1e-6: a to 1e-5 Å, shear components of the 15.8 Å cell to 1e-4 Å.
+    # The stress criterion (~3e-9 eV/Å³ here) against moduli ~1e-2 eV/Å³ leaves strains
+    # of a few 1e-7: a to 1e-5 Å with a margin (at fmax = 1e-6 L-BFGS stopped at 1.07e-5),
+    # shear components of the 15.8 Å cell to 1e-4 Å.
     np.testing.assert_allclose(np.diag(cell) / 3, a_ref, atol=1e-5)
     assert np.abs(cell - np.diag(np.diag(cell))).max() < 1e-4
     # ASE's stress (its own sign convention) confirms a stress-free cell.
@@ -334,12 +335,12 @@ def test_compiled_relax_is_reused_with_cell_lists():
     pot = LennardJones(sigma=SIGMA, epsilon=EPS, r_cutoff=rc, r_onset=ro)
     fn = make_relax(pot, s, neighbor_list=True)
     first = fn(s, fmax=fmax)
-    init, run = fn.host._compiled
+    compiled = fn.host._compiled + (fn.host._evaluate,)
     # (A fresh list for the final confirmation may have another capacity: a new shape.)
-    sizes = (init._cache_size(), run._cache_size(), fn.host._evaluate._cache_size())
+    sizes = tuple(f._cache_size() for f in compiled)
     second = fn(s, fmax=fmax)
     assert first.converged and second.converged
-    assert (init._cache_size(), run._cache_size(), fn.host._evaluate._cache_size()) == sizes
+    assert tuple(f._cache_size() for f in compiled) == sizes
     check = second.system.to_ase()
     check.calc = AseLJ(sigma=SIGMA, epsilon=EPS, rc=rc, ro=ro, smooth=True)
     assert np.linalg.norm(check.get_forces(), axis=1).max() < fmax

@@ -118,7 +118,8 @@ class HostRelaxation:
     def _compile(self, nl):
         init, step = minimize.minimizer(self.problem, self.minimizer, None if nl is None else nl.update)
         self._nl = nl
-        self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)))
+        self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)),
+                          jax.jit(_residuals_fn(self.problem)))
 
     def check_compatible(self, system):
         """Raise :class:`RelaxError` unless ``system`` has this relaxation's layout."""
@@ -161,7 +162,7 @@ class HostRelaxation:
         nl = self._neighbor_fn(system, params)
         if self._compiled is None or nl is not self._nl:
             self._compile(nl)
-        init, run = self._compiled
+        init, run, residuals = self._compiled
 
         cell_ref = system.cell
         X0 = system.positions
@@ -175,6 +176,7 @@ class HostRelaxation:
             return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra), self._cell_list_fns)
 
         state = init(X0, params, cell_ref, allocate(X0))
+        confirmed = None  # the fresh list that confirmed convergence, at the final positions
         bar = _progress_bar(_progress_enabled(progress), max_steps, self.template)
         chunk = self.minimizer.chunk_size
         extra = 0
@@ -184,15 +186,18 @@ class HostRelaxation:
                 if float(state.fmax) < fmax and float(state.smax) < tol_s:
                     if nl is None:
                         break
-                    # Converged as the loop saw it: confirm with a fresh list.
+                    # Converged as the loop saw it: confirm with a fresh list (forces only).
                     X = state.inner.position
-                    fresh = init(X, params, cell_ref, allocate(X, extra))
-                    _raise_if_not_finite(fresh, system)
-                    if float(fresh.fmax) < fmax and float(fresh.smax) < tol_s:
-                        state = state._replace(neighbor=fresh.neighbor)
+                    fresh_list = allocate(X, extra)
+                    f_fresh, s_fresh = (float(v) for v in residuals(X, params, cell_ref, fresh_list))
+                    if f_fresh < fmax and s_fresh < tol_s:
+                        state = state._replace(neighbor=fresh_list)
+                        confirmed = fresh_list
                         break
-                    # A stale list hid pairs: restart from here with the fresh one.
-                    state = fresh._replace(step=state.step)
+                    # A stale list hid pairs (or the forces are not finite: init reports
+                    # it): restart from here with the fresh list.
+                    state = init(X, params, cell_ref, fresh_list)._replace(step=state.step)
+                    _raise_if_not_finite(state, system)
                     continue
                 done = int(state.step)
                 if done >= max_steps:
@@ -213,9 +218,9 @@ class HostRelaxation:
                 bar.set_postfix_str(f"fmax={float(state.fmax):.3g}", refresh=False)
         finally:
             bar.close()
-        return self._result(system, state, params, nl, fmax, tol_s, max_steps)
+        return self._result(system, state, params, nl, confirmed, fmax, tol_s, max_steps)
 
-    def _result(self, system, state, params, nl, fmax, tol_s, max_steps):
+    def _result(self, system, state, params, nl, confirmed, fmax, tol_s, max_steps):
         X = state.inner.position
         R, cell = self.problem.physical(X, system.cell)
         if self.relax_cell:
@@ -225,7 +230,9 @@ class HostRelaxation:
         if self.relax_cell:
             self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
         neighbor = None
-        if nl is not None:
+        if confirmed is not None and not self.relax_cell:
+            neighbor = confirmed  # built at exactly these positions
+        elif nl is not None:  # unconfirmed, or the rotation removed from the cell moved every atom
             neighbor = neighbors.stable_metadata(nl.allocate(relaxed.positions, relaxed.cell), self._cell_list_fns)
         energy, forces, stress = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
         f = float(minimize.max_norm(forces))
@@ -250,6 +257,16 @@ class HostRelaxation:
 
 
 # --------------------------------------------------------------------------- helpers
+def _residuals_fn(problem):
+    """``(X, params, cell, neighbor) -> (fmax, smax)``: the criteria alone, for confirming."""
+    grad = jax.grad(problem.energy)
+
+    def residuals(X, params, cell, neighbor):
+        return problem.residuals(X, grad(X, params, cell, neighbors.indices_only(neighbor)), cell)
+
+    return residuals
+
+
 def _checked_criteria(fmax, max_steps):
     try:
         fmax = float(fmax)

@@ -67,6 +67,8 @@ __all__ = [
 
 #: Power-iteration steps for the stiffest curvature (a 10-20 % estimate is enough).
 POWER_ITERATIONS = 20
+#: L-BFGS needs λ_max only for its first step, which its line search corrects.
+LBFGS_POWER_ITERATIONS = 6
 
 
 def max_norm(v):
@@ -327,7 +329,7 @@ def lbfgs(problem: Problem, options: LBFGS = LBFGS(), neighbor_update: Optional[
 
     def init(X, params, cell, neighbor, h0=None):
         if h0 is None:
-            h0 = 1.0 / max_curvature(problem.energy, X, params, cell, neighbor)
+            h0 = 1.0 / max_curvature(problem.energy, X, params, cell, neighbor, iterations=LBFGS_POWER_ITERATIONS)
         E, g = value_and_grad(X, params, cell, neighbor)
         inner = LBFGSState(X, E, g, jnp.zeros((m,) + X.shape, X.dtype), jnp.zeros((m,) + X.shape, X.dtype),
                            jnp.zeros((m,), X.dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),

@@ -162,7 +162,7 @@ class LBFGS:
 
 
 Minimizer = Union[FIRE, GradientDescent, LBFGS]
-#: The minimizer every relaxation uses unless told otherwise: it needs 4-9x fewer force
+#: The minimizer every relaxation uses unless told otherwise: it needs 4-10x fewer force
 #: evaluations than FIRE on crystals and packings (benchmarks/RESULTS.md).
 DEFAULT_MINIMIZER = LBFGS()
 _MINIMIZERS = {"fire": FIRE, "gradient_descent": GradientDescent, "lbfgs": LBFGS}
