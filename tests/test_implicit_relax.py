@@ -66,6 +66,19 @@ def packing():
     return system, pot, relax(system, pot, fmax=1e-10, neighbor_list=False)
 
 
+def rigid_particles(system, diameters):
+    """Particles with at least d + 1 overlapping neighbors (soft spheres touch when
+    r < σ_ij); the others are rattlers, which re-relaxations leave anywhere."""
+    R, cell = np.asarray(system.positions), np.asarray(system.cell)
+    d = np.array([diameters[system.symbols[k]] for k in np.asarray(system.species)])
+    D = R[:, None] - R[None]
+    frac = D @ np.linalg.inv(cell)
+    D = (frac - np.round(frac)) @ cell
+    touching = np.linalg.norm(D, axis=-1) < (d[:, None] + d[None]) / 2
+    np.fill_diagonal(touching, False)
+    return touching.sum(axis=1) > system.dim
+
+
 def dense_pinv_tangent(pot, system, name, direction):
     """−H⁺ ∂²E/∂R∂θ·direction from the dense all-pairs Hessian at system.positions."""
     energy = pot.energy_fn(system, neighbor_list=False)
@@ -98,10 +111,15 @@ def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
     diff = plus - minus
     frac = diff @ np.linalg.inv(cell)
     diff = (frac - np.round(frac)) @ cell  # undo wrapping across the cell
-    diff -= diff.mean(0)  # the gauge: no net translation
+    # rattlers move arbitrarily between re-relaxations: the gauge (no net translation)
+    # and the comparison use the rigid particles only
+    rigid = rigid_particles(result.system, {"A": 1.0, "B": 1.4})
+    diff -= diff[rigid].mean(0)
     fd = diff / (2 * h)
     # FD of re-relaxations carries noise ~ fmax / (λ_min h): a loose check
-    np.testing.assert_allclose(np.asarray(tangent), fd, atol=1e-3 * np.abs(fd).max())
+    tangent_rigid = np.asarray(tangent)[rigid]
+    tangent_rigid = tangent_rigid - tangent_rigid.mean(0)
+    np.testing.assert_allclose(tangent_rigid, fd[rigid], atol=1e-3 * np.abs(fd[rigid]).max())
     np.testing.assert_allclose(np.asarray(tangent).sum(0), 0.0, atol=1e-9)
 
     # the tight truth: a dense pseudo-inverse of the Hessian, at the very R* the
@@ -118,6 +136,7 @@ def test_periodic_packing_matches_finite_difference_re_relaxation(packing):
     np.testing.assert_allclose(float(reverse), float(np.vdot(u, dense)), rtol=1e-8)
 
 
+@pytest.mark.slow  # ~60 s; the default minimizer's derivative is checked by every other test here
 def test_every_minimizer_gives_the_same_derivative(packing):
     system, pot, result = packing
 
