@@ -354,7 +354,6 @@ def lbfgs(problem: Problem, options: LBFGS = LBFGS(), neighbor_update: Optional[
         descent = slope < 0
         # Not a descent direction (round-off in the memory): restart from steepest descent.
         d = jnp.where(descent, d, -st.h0 * g)
-        slope = jnp.where(descent, slope, -st.h0 * jnp.vdot(g, g))
         d = _limit(d, options.maxstep)
         slope = jnp.vdot(g, d)
         # Energy differences below this are round-off; the Armijo test cannot see them.
