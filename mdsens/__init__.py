@@ -20,8 +20,10 @@ from mdsens.errors import (  # noqa: E402
     OptimalityStructureError,
     OptionError,
     PrecisionError,
+    NonFiniteError,
     RootError,
     RootWarning,
+    SingularJacobianError,
 )
 from mdsens.implicit import (  # noqa: E402
     SolveInfo,
@@ -30,6 +32,7 @@ from mdsens.implicit import (  # noqa: E402
     root_jvp,
     root_vjp,
 )
+from mdsens import jacobian_error, optim  # noqa: E402  (clients of the core, like md)
 from mdsens.md import (  # noqa: E402
     FIRE,
     BatchRelaxResult,

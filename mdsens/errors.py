@@ -35,6 +35,8 @@ __all__ = [
     "NullSpaceWarning",
     "RootError",
     "RootWarning",
+    "SingularJacobianError",
+    "NonFiniteError",
     "FAILURE_POLICIES",
     "check_policy",
     "report",
@@ -91,6 +93,14 @@ class RootError(MdsensError, RuntimeError):
 
 class RootWarning(MdsensWarning, RuntimeWarning):
     """Issued instead of :class:`RootError` when ``on_failure="warn"``."""
+
+
+class SingularJacobianError(MdsensError, ValueError):
+    """``∂₁F`` is singular beyond the declared null space: no implicit Jacobian, no bound."""
+
+
+class NonFiniteError(MdsensError, ValueError):
+    """An input, or the optimality condition evaluated at it, contains NaN or inf."""
 
 
 # --------------------------------------------------------------------------- policy

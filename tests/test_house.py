@@ -197,6 +197,9 @@ ERROR_CASES = {
     "NotConvergedError": lambda: _nonconverged_sensitivity(strict=True),
     "ResultMismatchError": lambda: ms.sensitivity(_relaxed_dimer(), ms.potentials.Morse()),
     "SaddlePointError": _saddle,
+    "SingularJacobianError": lambda: ms.jacobian_error.implicit_jacobian(
+        lambda x, t: jnp.stack([x[0] - t, 0.0 * x[1]]), jnp.ones(2), 1.0),
+    "NonFiniteError": lambda: ms.jacobian_error.implicit_jacobian(lambda x, t: x - t, jnp.array([np.nan]), 1.0),
 }
 
 WARNING_CASES = {

@@ -1,7 +1,8 @@
-"""The data shipped with mdsens: the demo's structures and potential files.
+"""The data shipped with mdsens: the demo's structures, potential files and a small table.
 
 Read them with :func:`path` (``importlib.resources``), which works from a clone and from
 an installed wheel alike; ``README.md`` in this folder gives each file's provenance.
+:func:`diabetes` loads the regression data of the physics-agnostic examples.
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from mdsens.errors import MissingFileError
 
-__all__ = ["path", "names"]
+__all__ = ["path", "names", "diabetes", "DIABETES_COLUMNS"]
+
+#: Columns of ``diabetes.csv``: the 10 baseline variables, then the response ``Y``.
+DIABETES_COLUMNS = ("AGE", "SEX", "BMI", "BP", "S1", "S2", "S3", "S4", "S5", "S6", "Y")
 
 
 def path(name: str) -> Path:
@@ -28,7 +34,7 @@ def path(name: str) -> Path:
 
 
 def names() -> tuple:
-    """The bundled structure and potential files (paths relative to this package)."""
+    """The bundled data files: structures, potentials, tables (paths relative to this package)."""
     root = resources.files(__name__)
     found = []
     for entry in root.iterdir():
@@ -37,3 +43,18 @@ def names() -> tuple:
         elif entry.is_file() and not entry.name.endswith((".py", ".md", ".pyc")):
             found.append(entry.name)
     return tuple(sorted(found))
+
+
+def diabetes():
+    """The diabetes data of Efron, Hastie, Johnstone & Tibshirani (2004), un-standardized.
+
+    442 patients. ``X`` holds the 10 baseline variables in the order of
+    :data:`DIABETES_COLUMNS` (age in years, sex coded 1/2, BMI, mean blood pressure and
+    six serum measurements, in their original units); ``y`` is the disease progression
+    one year later. Standardize ``X`` before fitting (the columns' scales differ by 10⁴).
+
+    Returns:
+      ``(X, y)``: float64 NumPy arrays of shapes ``(442, 10)`` and ``(442,)``.
+    """
+    table = np.loadtxt(path("diabetes.csv"), delimiter=",", skiprows=1, dtype=np.float64)
+    return table[:, :-1], table[:, -1]
