@@ -151,13 +151,14 @@ def _sol_dtype(sol):
     return jnp.result_type(*leaves) if leaves else jnp.float64
 
 
-def _diagnostics(F, sol_flat, unravel, theta, right, left):
-    """Relative root residual and null-space residuals at ``sol`` (primal values only).
+def _diagnostics(F, sol_flat, unravel, theta, right, left, operator=None):
+    """Relative root residual, null-space residuals and operator mismatch at ``sol``.
 
     ``scale = ‖∂₁F z‖ / ‖z‖`` for a fixed random ``z`` off the null space estimates
     ``‖∂₁F‖``; the root residual is ``‖F‖ / (scale ‖x‖)`` and the null-space residual
     ``max_p ‖∂₁F Q c_p‖ / scale`` over random unit combinations ``c_p`` of the modes
-    (and ``‖∂₁Fᵀ L c_p‖`` for a separate left null space).
+    (and ``‖∂₁Fᵀ L c_p‖`` for a separate left null space). A user ``operator`` (flat) is
+    compared with autodiff on the same ``z``: ``‖op z − ∂₁F z‖ / ‖∂₁F z‖``.
     """
     def F_flat(v):
         return ravel_pytree(F(unravel(v), theta))[0]
@@ -170,7 +171,8 @@ def _diagnostics(F, sol_flat, unravel, theta, right, left):
     if right is not None:
         z = z - right @ (right.T @ z)
     z_norm = jnp.linalg.norm(z)
-    scale = jnp.linalg.norm(jvp_at(z)) / jnp.where(z_norm > 0, z_norm, 1.0)
+    Az = jvp_at(z)
+    scale = jnp.linalg.norm(Az) / jnp.where(z_norm > 0, z_norm, 1.0)
     safe_scale = jnp.where(scale > 0, scale, 1.0)
     root = jnp.linalg.norm(residual) / (safe_scale * jnp.linalg.norm(sol_flat) + jnp.finfo(dtype).tiny)
     root = jnp.where(jnp.linalg.norm(residual) == 0, 0.0, root)
@@ -184,11 +186,24 @@ def _diagnostics(F, sol_flat, unravel, theta, right, left):
             if left is not None:
                 (back,) = jax.linear_transpose(jvp_at, sol_flat)(left @ c)
                 null = jnp.maximum(null, jnp.linalg.norm(back) / safe_scale)
-    return root, null
+    mismatch = jnp.zeros((), dtype)
+    if operator is not None:
+        mismatch = jnp.linalg.norm(operator(z) - Az) / jnp.maximum(jnp.linalg.norm(Az), jnp.finfo(dtype).tiny)
+    return root, null, mismatch
 
 
-def _diagnostic_message(root, null, basis_norm, root_tol, nullspace_tol):
+#: Largest accepted ``‖op z − ∂₁F z‖ / ‖∂₁F z‖`` for a user-supplied ``operator``.
+OPERATOR_RTOL = 1e-6
+
+
+def _diagnostic_message(root, null, basis_norm, root_tol, nullspace_tol, mismatch=0.0):
     """``(error, warning, message)`` for the first failed check, or ``None`` (NaN fails)."""
+    if not float(mismatch) <= OPERATOR_RTOL:
+        return (errors.LinearSolveError, errors.LinearSolveWarning,
+                f"operator= does not apply ∂₁F: on a random vector z, ‖op z − ∂₁F z‖ / ‖∂₁F z‖ = "
+                f"{float(mismatch):.3e} (tolerance {OPERATOR_RTOL:g}), so the derivative would be wrong. "
+                "Build the operator at the same solution and arguments as F, or drop operator= "
+                "(autodiff of F).")
     null_failed = nullspace_tol is not None and not float(null) <= nullspace_tol
     root_failed = root_tol is not None and not float(root) <= root_tol
     if basis_norm is not None and not float(basis_norm) > 0:
@@ -211,9 +226,9 @@ def _diagnostic_message(root, null, basis_norm, root_tol, nullspace_tol):
     return errors.NullSpaceError, errors.NullSpaceWarning, problem
 
 
-def _check_diagnostics(policy, root_tol, nullspace_tol, root, null, basis_norm, stacklevel=4):
+def _check_diagnostics(policy, root_tol, nullspace_tol, root, null, basis_norm, mismatch=0.0, stacklevel=4):
     found = _diagnostic_message(np.max(root), np.max(null), None if basis_norm is None else np.min(basis_norm),
-                                root_tol, nullspace_tol)
+                                root_tol, nullspace_tol, np.max(mismatch))
     if found is not None:
         error, warning, message = found
         errors.report(policy, message, error, warning, stacklevel=stacklevel)
@@ -223,27 +238,27 @@ def _is_concrete(*trees) -> bool:
     return not any(isinstance(l, jax.core.Tracer) for t in trees for l in jax.tree_util.tree_leaves(t))
 
 
-def _run_checks(policy, root_tol, nullspace_tol, F, sol, theta, right, left, basis_norm):
-    """The root and null-space checks, on the host when the values are concrete, else in a
-    callback. Returns a zero scalar to add to the tangent (so that the callback cannot be
-    dead-code eliminated), or ``None``."""
-    if policy == "ignore" or (root_tol is None and nullspace_tol is None and right is None):
+def _run_checks(policy, root_tol, nullspace_tol, F, sol, theta, right, left, basis_norm, operator=None):
+    """The root, null-space and operator checks, on the host when the values are concrete,
+    else in a callback. Returns a zero scalar to add to the tangent (so that the callback
+    cannot be dead-code eliminated), or ``None``."""
+    if policy == "ignore" or (root_tol is None and nullspace_tol is None and right is None and operator is None):
         return None
     sol_flat, unravel = ravel_pytree(sol)
-    root, null = _diagnostics(F, sol_flat, unravel, theta, right, left)
-    if _is_concrete(root, null, basis_norm):
-        _check_diagnostics(policy, root_tol, nullspace_tol, root, null, basis_norm, stacklevel=6)
+    root, null, mismatch = _diagnostics(F, sol_flat, unravel, theta, right, left, operator)
+    if _is_concrete(root, null, basis_norm, mismatch):
+        _check_diagnostics(policy, root_tol, nullspace_tol, root, null, basis_norm, mismatch, stacklevel=6)
         return None
     dtype = sol_flat.dtype
 
-    def host(root, null, basis_norm):
-        _check_diagnostics(policy, root_tol, nullspace_tol, root, null, basis_norm, stacklevel=2)
+    def host(root, null, basis_norm, mismatch):
+        _check_diagnostics(policy, root_tol, nullspace_tol, root, null, basis_norm, mismatch, stacklevel=2)
         return np.zeros(np.shape(root), dtype)  # batched under vmap (broadcast_all)
 
     norm = jnp.ones((), dtype) if basis_norm is None else basis_norm
     # No derivative flows into the check: higher-order differentiation sees a constant.
-    root, null, norm = lax.stop_gradient((root, null, norm))
-    return jax.pure_callback(host, jax.ShapeDtypeStruct((), dtype), root, null, norm,
+    root, null, norm, mismatch = lax.stop_gradient((root, null, norm, mismatch))
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((), dtype), root, null, norm, mismatch,
                              vmap_method="broadcast_all")
 
 
@@ -324,18 +339,23 @@ def _default_solve(matvec, b):
 
 
 def _solution_tangent(F, sol, theta, t_theta, *, solve, nullspace, left_nullspace, symmetric,
-                      on_failure, root_tol, nullspace_tol):
+                      on_failure, root_tol, nullspace_tol, operator=None):
     """``−(∂₁F)⁺ ∂₂F t_theta`` at ``(sol, theta)``, after the root and null-space checks."""
     sol_flat, unravel = ravel_pytree(sol)
 
-    def matvec(v):
-        _, out = jax.jvp(lambda s: F(s, theta), (sol,), (unravel(v),))
-        return ravel_pytree(out)[0]
+    if operator is None:
+        def matvec(v):
+            _, out = jax.jvp(lambda s: F(s, theta), (sol,), (unravel(v),))
+            return ravel_pytree(out)[0]
+    else:
+        def matvec(v):
+            return ravel_pytree(operator(unravel(v)))[0]
 
     _, b = jax.jvp(lambda th: F(sol, th), (theta,), (t_theta,))
     right, basis_norm = (None, None) if nullspace is None else _orthonormal_basis(nullspace, sol, theta, sol_flat.size)
     left = None if left_nullspace is None else _orthonormal_basis(left_nullspace, sol, theta, sol_flat.size)[0]
-    check = _run_checks(on_failure, root_tol, nullspace_tol, F, sol, theta, right, left, basis_norm)
+    check = _run_checks(on_failure, root_tol, nullspace_tol, F, sol, theta, right, left, basis_norm,
+                        None if operator is None else matvec)
     x, info = _projected_solve(matvec, -ravel_pytree(b)[0], solve=solve, right_basis=right,
                                left_basis=left, symmetric=symmetric, on_failure=on_failure)
     if check is not None:
@@ -359,7 +379,8 @@ def root_jvp(optimality_fun: Callable, sol, args: tuple, tangents: tuple, *, sol
              nullspace: Optional[Callable] = None, left_nullspace: Optional[Callable] = None,
              symmetric: bool = False, kwargs: Optional[dict] = None, kwargs_tangents: Optional[dict] = None,
              on_failure: str = "raise", root_tol: Optional[float] = DEFAULT_ROOT_TOL,
-             nullspace_tol: Optional[float] = DEFAULT_NULLSPACE_TOL, return_info: bool = False):
+             nullspace_tol: Optional[float] = DEFAULT_NULLSPACE_TOL, return_info: bool = False,
+             operator: Optional[Callable] = None):
     """Forward mode: ``J v = −(∂₁F)⁺ ∂₂F v`` at a root ``sol`` of ``F`` (paper eq. 3).
 
     Args:
@@ -373,6 +394,10 @@ def root_jvp(optimality_fun: Callable, sol, args: tuple, tangents: tuple, *, sol
         :func:`custom_root`.
       kwargs, kwargs_tangents: keyword arguments of ``F`` and their tangents (default zero).
       return_info: also return the :class:`~mdsens.linear_solve.SolveInfo` of the solve.
+      operator: ``v ↦ ∂₁F(sol, θ) v`` on pytrees shaped like ``sol``, when it has a cheaper
+        form than autodiff of ``F`` (an assembled sparse Jacobian, a Hessian built from
+        blocks). Checked against autodiff on one random vector (relative
+        :data:`OPERATOR_RTOL`, under ``on_failure``). Default: ``jax.jvp`` of ``F``.
 
     Returns:
       The tangent of the solution (shaped like ``sol``); with ``return_info``, a pair
@@ -388,7 +413,7 @@ def root_jvp(optimality_fun: Callable, sol, args: tuple, tangents: tuple, *, sol
     out, info = _solution_tangent(
         F, sol, theta, t_theta, solve=solve or _default_solve, nullspace=_packed(nullspace),
         left_nullspace=_packed(left_nullspace), symmetric=symmetric, on_failure=on_failure,
-        root_tol=root_tol, nullspace_tol=nullspace_tol,
+        root_tol=root_tol, nullspace_tol=nullspace_tol, operator=operator,
     )
     return (out, info) if return_info else out
 
@@ -397,12 +422,13 @@ def root_vjp(optimality_fun: Callable, sol, args: tuple, cotangent, *, solve: Ca
              nullspace: Optional[Callable] = None, left_nullspace: Optional[Callable] = None,
              symmetric: bool = False, kwargs: Optional[dict] = None, on_failure: str = "raise",
              root_tol: Optional[float] = DEFAULT_ROOT_TOL,
-             nullspace_tol: Optional[float] = DEFAULT_NULLSPACE_TOL):
+             nullspace_tol: Optional[float] = DEFAULT_NULLSPACE_TOL, operator: Optional[Callable] = None):
     """Reverse mode: ``uᵀ J = −((∂₁F)⁺ᵀ u)ᵀ ∂₂F`` at a root ``sol`` (paper eq. 4).
 
     One transposed linear solve, whatever the number of parameters.
 
-    Args: as :func:`root_jvp`, with ``cotangent`` ``u`` shaped like ``sol``.
+    Args: as :func:`root_jvp`, with ``cotangent`` ``u`` shaped like ``sol`` (``operator``
+    must then be linear and transposable by JAX: built from JAX operations).
 
     Returns:
       A tuple with one cotangent per element of ``args``; when ``kwargs`` is given, the
@@ -419,7 +445,7 @@ def root_vjp(optimality_fun: Callable, sol, args: tuple, cotangent, *, solve: Ca
         return _solution_tangent(
             F, sol, theta, t_theta, solve=solve or _default_solve, nullspace=_packed(nullspace),
             left_nullspace=_packed(left_nullspace), symmetric=symmetric, on_failure=on_failure,
-            root_tol=root_tol, nullspace_tol=nullspace_tol,
+            root_tol=root_tol, nullspace_tol=nullspace_tol, operator=operator,
         )[0]
 
     # The tangent map is linear, so its VJP at any point (zeros) is its transpose.

@@ -38,6 +38,7 @@ import numpy as np
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp
 from mdsens.md import cache
+from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
 from mdsens.md.strain import deformation_gradient, voigt_names
@@ -109,11 +110,11 @@ class ElasticConstants:
         return self.table()
 
 
-def _internal(E_s, R, basis, solve):
+def _internal(E_s, R, basis, solve, hessian):
     """Born Hessian, internal strain dU/dε and Λ·dU, jit-able.
 
     ``E_s(U, ε_voigt)`` is the strain energy; one forward solve per Voigt component,
-    batched with ``vmap``.
+    batched with ``vmap``, with ``hessian`` (``v ↦ ∂²E_s/∂U² v`` at ε = 0) as operator.
     """
     n_voigt = len(voigt_names(R.shape[1]))
     F = jax.grad(E_s)
@@ -123,7 +124,7 @@ def _internal(E_s, R, basis, solve):
 
     def one(t):
         dU, info = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace,
-                            symmetric=True, return_info=True, on_failure="ignore")
+                            symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
         lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
         return dU, lam, info
 
@@ -165,7 +166,8 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
                 D = deformation_gradient(eps_v, dim)
                 return energy(U @ D, params, cell @ D, nb)
 
-            return _internal(E_s, R, basis, solve)
+            # at ε = 0 the strain energy's Hessian in U is the energy's own
+            return _internal(E_s, R, basis, solve, hessian_products(energy, R, params, cell, nb))
 
         return jax.jit(run), jax.jit(jax.grad(energy))
 

@@ -57,7 +57,8 @@ class DerivativeProblem:
       params: float64 parameter dict.
       energy: ``E(R, params, cell, neighbor)``, pure (the same function across calls of
         one builder, so compiled code is reused).
-      neighbor: neighbor indices for ``energy`` (``None`` on the dense path).
+      neighbor: the pairs interacting at ``system.positions``
+        (:func:`~mdsens.md.neighbors.interacting_neighbors`), on either path.
       converged: the relaxation's own flag (``None`` for a bare ``System``).
       recorded_fmax: the largest force the relaxation recorded (``None`` if unknown).
     """
@@ -125,7 +126,10 @@ class ProblemBuilder:
                 neighbor = nl.allocate(system.positions, system.cell)
         converged = getattr(result, "converged", None)
         recorded = getattr(result, "fmax", None)
-        return DerivativeProblem(system, params, self._energy[layout], neighbors.indices_only(neighbor),
+        # Derivatives are taken at this one structure: the pairs within the cutoff suffice,
+        # and every Hessian product then costs a fraction of one on the relaxation's list.
+        interacting = neighbors.interacting_neighbors(system, cutoff, neighbor)
+        return DerivativeProblem(system, params, self._energy[layout], interacting,
                                  None if converged is None else bool(converged),
                                  None if recorded is None else float(recorded))
 

@@ -66,8 +66,10 @@ from jax.flatten_util import ravel_pytree
 
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp, root_vjp
+from mdsens.jacobian_error import distance_from_residual, theorem1_constant_local
 from mdsens.md import cache
 from mdsens.md.errors import StructureError, UnknownParameterError
+from mdsens.md.hessian import hessian_products
 from mdsens.md.io import write_text_atomically
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
@@ -345,15 +347,37 @@ def _energy_of_theta(prob, wrt):
     return E_theta
 
 
+def _hessian_of_theta(prob, wrt):
+    """``H(x, θ, cell, nb, params) -> (v ↦ ∂²E_θ/∂x² v)`` for :func:`_energy_of_theta`'s ``E_θ``,
+    from the potential's fast products (:mod:`mdsens.md.hessian`)."""
+    energy = prob.energy
+    if wrt == "cell":
+        dim = prob.system.dim
+
+        def hessian(U, eps_v, cell, nb, params):
+            # E(U F) has Hessian-vector products F-conjugated: ∇²_U v = (∇²_R (v F)) Fᵀ.
+            Fm = deformation_gradient(eps_v, dim)
+            product = hessian_products(energy, U @ Fm, params, cell @ Fm, nb)
+            return lambda v: product(v @ Fm) @ Fm.T
+    else:
+        _, unravel = ravel_pytree(prob.params)
+
+        def hessian(x, th, cell, nb, params):
+            return hessian_products(energy, x, unravel(th), cell, nb)
+
+    return hessian
+
+
 #: Length step (Å, or the structure's length unit) of the one-sided differences that
 #: estimate the Theorem-1 Lipschitz constants along the residual's direction.
 LIPSCHITZ_STEP = 1e-4
 
 
-def _columns(F, R, theta, tangents, basis, solve):
+def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     """vmapped forward implicit derivatives and Theorem-1 diagnostics (jit-able).
 
-    F(R, theta) -> (N, d); tangents: (P, *theta.shape). Returns (dR (P,N,d), info,
+    F(R, theta) -> (N, d); tangents: (P, *theta.shape); hessian: ``v ↦ ∂₁F v`` at
+    ``(R, theta)`` for the solve (:func:`~mdsens.md.hessian.hessian_products`). Returns (dR (P,N,d), info,
     ‖b‖ (P,), β (P,), γ (P,), g (N,d)). β = ‖∂ₓb · û‖ and γ = ‖∂ₓ(A J) · û‖ along the
     unit residual direction û are one-sided differences over :data:`LIPSCHITZ_STEP`:
     they need only the second derivatives the solve already uses (exact third
@@ -369,7 +393,7 @@ def _columns(F, R, theta, tangents, basis, solve):
 
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
-                            symmetric=True, return_info=True, on_failure="ignore")
+                            symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
         # b and A·J at R and at R + h û in one pass: one mixed and one Hessian-vector product
         def b_and_AJ(x):
             return (jax.jvp(lambda th: F(x, th), (theta,), (t,))[1],
@@ -452,11 +476,12 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         if key not in self._compiled:
             E_theta = _energy_of_theta(prob, self.wrt)
             F = jax.grad(E_theta)
+            H = _hessian_of_theta(prob, self.wrt)
             solve = self.solve
 
             def run(R, theta, tangents, basis, cell, nb, params):
                 Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
-                cols = _columns(Fc, R, theta, tangents, basis, solve)
+                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params))
                 partial = jax.grad(E_theta, argnums=1)(R, theta, cell, nb, params)
                 return cols, partial
 
@@ -497,12 +522,9 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         partial = np.asarray(tangents) @ np.asarray(partial)
         denergy = partial + np.einsum("nd,pnd->p", g, dR)
         g_norm = float(g_norm)
-        if lam_min > 0 and np.isfinite(lam_min):
-            C = (np.asarray(beta) + np.asarray(gamma)) / lam_min
-            dist = g_norm / lam_min
-        else:
-            C = np.full(len(names), np.nan)
-            dist = float("nan")
+        # Theorem 1 from the one implementation in mdsens.jacobian_error (NaN without λ_min > 0)
+        C = np.asarray(theorem1_constant_local(lam_min, np.asarray(beta), np.asarray(gamma)))
+        dist = float(distance_from_residual(g_norm, lam_min))
 
         internal = None
         if self.wrt == "cell":
@@ -622,13 +644,14 @@ class make_observable_gradient(_Derivative):  # noqa: N801
                 return observable(x, unravel(th), cell)
 
         F = jax.grad(_energy_of_theta(prob, self.wrt))
+        H = _hessian_of_theta(prob, self.wrt)
 
         @jax.jit
         def grad_total(R, theta, B, cell, nb, params):
             gR, gth = jax.grad(O, argnums=(0, 1))(R, theta, cell, params)
             Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
             (cot,) = root_vjp(Fc, R, (theta,), gR, solve=solve, nullspace=lambda x, th: B,
-                              symmetric=True, on_failure=policy)
+                              symmetric=True, on_failure=policy, operator=H(R, theta, cell, nb, params))
             return gth + cot
 
         self._compiled[key] = (jax.jit(F), grad_total, O)

@@ -30,7 +30,9 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
+from mdsens.md.hessian import hessian_products
 from mdsens.md.errors import NearSingularWarning, SaddlePointError
 from mdsens.md.options import StabilityOptions
 
@@ -118,8 +120,7 @@ def _batched_hvp(energy, positions, args, V):
     Jitted with ``energy`` static: a caller that passes the same energy function (the
     ``make_*`` callables do) reuses the compiled products across calls and structures.
     """
-    grad = jax.grad(energy)
-    return jax.vmap(lambda v: jax.jvp(lambda x: grad(x, *args), (positions,), (v,))[1])(V)
+    return jax.vmap(hessian_products(energy, positions, *args))(V)
 
 
 def find_isolated_dofs(energy: Callable, positions, *, rtol: float = 1e-12, args: tuple = ()) -> np.ndarray:
@@ -214,11 +215,11 @@ def _project(V, known, free):
     return V - known @ (known.T @ V)
 
 
-def _projected_hvp(energy, positions, args, known, free, PV):
+def _projected_hvp(product, shape, known, free, PV):
     """``P H PV`` for an already projected ``PV (dof, m)``: the Hessian on the complement
-    of the known modes."""
-    n, d = positions.shape
-    HV = _batched_hvp(energy, positions, args, PV.T.reshape(-1, n, d)).reshape(-1, n * d).T
+    of the known modes. ``product``: from :func:`hessian_products`, built outside loops."""
+    n, d = shape
+    HV = jax.vmap(product)(PV.T.reshape(-1, n, d)).reshape(-1, n * d).T
     return _project(HV, known, free)
 
 
@@ -228,10 +229,11 @@ def _projected_lambda_max(energy, positions, args, known, free):
     dof = positions.size
     v = _project(jax.random.normal(jax.random.PRNGKey(1), (dof, 1), jnp.float64), known, free)
     v = v / jnp.linalg.norm(v)
+    product = hessian_products(energy, positions, *args)
 
     def body(_, carry):
         v, _ = carry
-        w = _projected_hvp(energy, positions, args, known, free, v)  # v stays projected
+        w = _projected_hvp(product, positions.shape, known, free, v)  # v stays projected
         nw = jnp.linalg.norm(w)
         return w / jnp.maximum(nw, 1e-300), nw
 
@@ -250,14 +252,16 @@ def _lobpcg_lowest(energy, positions, args, known, free, shift, X, iterations, t
     """
     from jax.experimental.sparse.linalg import lobpcg_standard
 
+    product = hessian_products(energy, positions, *args)
+
     def shifted(V):
         PV = _project(V, known, free)
-        return shift * PV - _projected_hvp(energy, positions, args, known, free, PV)
+        return shift * PV - _projected_hvp(product, positions.shape, known, free, PV)
 
     theta, U, iters = lobpcg_standard(shifted, X, m=iterations, tol=tol)
     w = shift - theta
     PU = _project(U, known, free)
-    resid = jnp.linalg.norm(_projected_hvp(energy, positions, args, known, free, PU) - PU * w, axis=0)
+    resid = jnp.linalg.norm(_projected_hvp(product, positions.shape, known, free, PU) - PU * w, axis=0)
     return w, U, iters, resid
 
 
@@ -344,17 +348,19 @@ def _lanczos_steps(energy, positions, args, known, free, V, alpha, beta, k0, ste
     is the current one), ``alpha`` and ``beta (m,)`` the tridiagonal. Jitted with
     ``energy`` static, like the other Hessian products."""
     tiny = jnp.finfo(V.dtype).tiny ** 0.5
+    product = hessian_products(energy, positions, *args)
 
     def body(i, carry):
         V, alpha, beta = carry
         k = k0 + i
         v = V[k]
-        w = _projected_hvp(energy, positions, args, known, free, v[:, None])[:, 0]
+        w = _projected_hvp(product, positions.shape, known, free, v[:, None])[:, 0]
         a = jnp.vdot(v, w)
         w = w - a * v - jnp.where(k > 0, beta[jnp.maximum(k - 1, 0)], 0.0) * V[jnp.maximum(k - 1, 0)]
-        built = (jnp.arange(V.shape[0]) <= k)[:, None] * V
+        # Rows past k are still zero, so the whole V reorthogonalizes against the built
+        # vectors only (no masked copy of V per step).
         for _ in range(2):  # twice is enough (Kahan-Parlett)
-            w = w - built.T @ (built @ w)
+            w = w - (V @ w) @ V
         b = jnp.linalg.norm(w)
         V = V.at[k + 1].set(jnp.where(b > tiny, w / jnp.where(b > tiny, b, 1.0), 0.0))
         return V, alpha.at[k].set(a), beta.at[k].set(b)
@@ -388,7 +394,7 @@ def _lanczos_spectrum(energy, R, args, Qf, free, o) -> Optional[_Spectrum]:
         a, b = np.asarray(alpha[:k]), np.asarray(beta[:k])
         broke = np.flatnonzero(b <= 1e-12 * max(np.abs(a).max(), 1e-300))
         size = int(broke[0]) + 1 if broke.size else k  # an invariant subspace: exact Ritz values
-        theta, S = np.linalg.eigh(np.diag(a[:size]) + np.diag(b[:size - 1], 1) + np.diag(b[:size - 1], -1))
+        theta, S = scipy.linalg.eigh_tridiagonal(a[:size], b[:size - 1])
         resid = np.abs(b[size - 1] * S[-1]) if not broke.size else np.zeros(size)
         lam_max = float(max(np.abs(theta).max(), 1e-300))
         soft = np.abs(theta) <= o.soft_mode_rtol * lam_max

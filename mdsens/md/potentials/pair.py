@@ -99,6 +99,7 @@ class PairPotential(Potential):
     """
 
     pair_keys: tuple = ()
+    pairwise = True
 
     def pair_energy(self, r, pp, params):
         raise NotImplementedError

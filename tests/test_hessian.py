@@ -1,0 +1,142 @@
+"""Fast Hessian products and tight neighbor lists against autodiff on the full pair set.
+
+Every derivative routine takes Hessian products at one structure through
+``mdsens.md.hessian`` (per-atom blocks of the local energy's Hessian) on the pairs that
+interact there (``neighbors.interacting_neighbors``). The truth here is the potential's
+dense all-pairs energy and forward-over-reverse autodiff of its gradient: no blocks, no
+list. Also: the core's ``operator=`` against the closed-form ridge Jacobian, and a wrong
+operator refused.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.build import bulk
+
+import mdsens as ms
+from mdsens.md import neighbors
+from mdsens.md.hessian import hessian_products
+from mdsens.md.potentials import LennardJones, Morse, SoftSphere, StillingerWeber, Tersoff
+from conftest import data_file
+
+
+def _si(n_rep=2, seed=0):
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat((n_rep,) * 3)
+    del atoms[0]
+    atoms.positions += 0.05 * np.random.default_rng(seed).normal(size=atoms.positions.shape)
+    return ms.System.from_ase(atoms)
+
+
+def _cases():
+    si = _si()
+    ar = ms.read(data_file("ar_fcc_vacancy.xyz"))
+    packing = ms.read(data_file("soft_spheres_2d.xyz"))
+    cluster = ms.read(data_file("lj13_ar.xyz"))
+    return {
+        "stillinger-weber": (StillingerWeber(), si),
+        "tersoff": (Tersoff.from_lammps(data_file("potentials/Si.tersoff")), si),
+        "lennard-jones fcc": (LennardJones(sigma=3.4, epsilon=0.0104, r_cutoff=6.5, r_onset=5.5), ar),
+        "lennard-jones cluster": (LennardJones(sigma=3.4, epsilon=0.0104, r_cutoff=8.5, r_onset=6.8), cluster),
+        "morse": (Morse(), ar),
+        "soft spheres 2D": (SoftSphere(sigma={"A": 1.0, "B": 1.4}, epsilon=1.0, alpha=2.0), packing),
+    }
+
+
+CASES = _cases()
+
+
+#: Cases whose compilation is long (three-body Tersoff) or that add no new code path run
+#: with the slow suite.
+SLOW = {"tersoff", "morse", "lennard-jones cluster"}
+
+
+def _energy_gradient_hvp(E):
+    grad = jax.grad(E)
+
+    @jax.jit
+    def run(R, V, p, cell, nb):
+        hvp = jax.vmap(lambda v: jax.jvp(lambda x: grad(x, p, cell, nb), (R,), (v,))[1])(V)
+        return E(R, p, cell, nb), grad(R, p, cell, nb), hvp
+
+    return run
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
+def test_tight_list_and_block_hessian_match_autodiff_on_the_full_list(name):
+    pot, system = CASES[name]
+    R, cell, p = system.positions, system.cell, pot.params
+    full = neighbors.indices_only(pot.neighbor_list(system))
+    tight = neighbors.interacting_neighbors(system, pot.cutoff(), full)
+    E = pot.energy_fn(system, neighbor_list=True)
+    V = jax.random.normal(jax.random.PRNGKey(3), (2,) + R.shape, jnp.float64)
+    e_ref, g_ref, hv_ref = (np.asarray(x) for x in _energy_gradient_hvp(E)(R, V, p, cell, full))
+
+    fast = jax.jit(lambda R, V, p, c, nb: (E(R, p, c, nb), jax.grad(E)(R, p, c, nb),
+                                           jax.vmap(hessian_products(E, R, p, c, nb))(V)))
+    e, g, hv = (np.asarray(x) for x in fast(R, V, p, cell, tight))
+    assert abs(e - e_ref) <= 1e-12 * abs(e_ref)
+    assert np.abs(g - g_ref).max() <= 1e-11 * np.abs(g_ref).max()
+    assert np.abs(hv - hv_ref).max() <= 1e-10 * np.abs(hv_ref).max()
+    assert tight.idx.shape[1] <= full.idx.shape[1]
+    # the blocks were used (not the autodiff fallback)
+    assert E.hessian_products(R, p, cell, tight) is not None
+
+
+def test_tight_list_keeps_only_interacting_pairs():
+    pot, system = CASES["stillinger-weber"]
+    full = pot.neighbor_list(system)
+    tight = neighbors.interacting_neighbors(system, pot.cutoff(), full)
+    idx = np.asarray(tight.idx)
+    n = system.n_atoms
+    assert idx.shape[1] < full.idx.shape[1]
+    # the same pairs as a brute-force minimum-image search
+    frac = np.asarray(system.positions) @ np.linalg.inv(np.asarray(system.cell))
+    for i in (0, 7, n - 1):
+        d = frac[i] - frac
+        d = (d - np.round(d)) @ np.asarray(system.cell)
+        r = np.linalg.norm(d, axis=1)
+        expected = set(np.flatnonzero((r < 1.01 * pot.cutoff()) & (np.arange(n) != i)))
+        assert set(idx[i][idx[i] < n]) == expected
+
+
+def test_tight_list_from_all_pairs_pads_small_systems():
+    # three atoms, no list: the capacity step (4) exceeds the candidates (3)
+    system = ms.System(positions=np.array([[0.0, 0, 0], [1.2, 0, 0], [0, 1.3, 0]]), pbc=False)
+    tight = neighbors.interacting_neighbors(system, 2.0)
+    assert tight.idx.shape == (3, 4)
+    assert sorted(np.asarray(tight.idx)[0][:2].tolist()) == [1, 2]
+
+
+# --------------------------------------------------------------------- core: operator=
+rng = np.random.default_rng(0)
+X = rng.normal(size=(30, 6))
+Y = rng.normal(size=30)
+
+
+def ridge_F(w, lam):
+    return X.T @ (X @ w - Y) + lam * w
+
+
+def test_operator_gives_the_closed_form_ridge_jacobian_in_both_modes():
+    lam = 0.7
+    A = X.T @ X + lam * np.eye(6)
+    w = np.linalg.solve(A, X.T @ Y)
+    truth = -np.linalg.solve(A, w)  # dw*/dλ
+    op = lambda v: jnp.asarray(A) @ v  # noqa: E731
+    solve = functools.partial(ms.linear_solve.cg, tol=1e-13)
+    jv = ms.root_jvp(ridge_F, jnp.asarray(w), (lam,), (1.0,), solve=solve, symmetric=True, operator=op)
+    np.testing.assert_allclose(jv, truth, rtol=1e-10)
+    u = rng.normal(size=6)
+    (vj,) = ms.root_vjp(ridge_F, jnp.asarray(w), (lam,), jnp.asarray(u), solve=solve, symmetric=True, operator=op)
+    np.testing.assert_allclose(float(vj), u @ truth, rtol=1e-10)
+
+
+def test_wrong_operator_is_refused():
+    lam = 0.7
+    A = X.T @ X + lam * np.eye(6)
+    w = np.linalg.solve(A, X.T @ Y)
+    with pytest.raises(ms.LinearSolveError, match="operator= does not apply"):
+        ms.root_jvp(ridge_F, jnp.asarray(w), (lam,), (1.0,), operator=lambda v: 2.0 * jnp.asarray(A) @ v)
