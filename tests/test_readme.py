@@ -51,3 +51,17 @@ def test_readme_ring_example_matches_pseudo_inverse():
     B = np.asarray(jax.jacfwd(jax.grad(energy), argnums=1)(x, rest))
     truth = -np.linalg.pinv(H) @ B
     np.testing.assert_allclose(jax.jacrev(relax_ring, argnums=1)(jnp.zeros(n), rest), truth, atol=1e-9)
+
+
+def test_readme_lasso_example_matches_the_closed_form_on_the_support():
+    """On the lasso's support S, w_S = (A_SᵀA_S)⁻¹(A_Sᵀb − λ sign w_S): dw_S/dλ = −(A_SᵀA_S)⁻¹ sign w_S."""
+    blocks = python_blocks()
+    block = next(b for b in blocks if "optim.ProximalGradient" in b)
+    namespace = {}
+    exec(compile(blocks[0] + block, str(README), "exec"), namespace)
+    A, w, dw = (np.asarray(namespace[k]) for k in ("A", "w", "dw"))
+    support = np.abs(w) > 1e-8
+    AS = A[:, support]
+    truth = -np.linalg.solve(AS.T @ AS, np.sign(w[support]))
+    np.testing.assert_allclose(dw[support], truth, rtol=1e-6)
+    np.testing.assert_allclose(dw[~support], 0.0, atol=1e-10)
