@@ -48,9 +48,11 @@ def _cases():
 CASES = _cases()
 
 
-#: Cases whose compilation is long (three-body Tersoff) or that add no new code path run
-#: with the slow suite.
-SLOW = {"tersoff", "morse", "lennard-jones cluster"}
+#: Stillinger–Weber (many-body blocks) runs by default; the pair potentials' blocks are
+#: also exercised by every default sensitivity test (against pseudo-inverses and finite
+#: differences), so their direct checks, and Tersoff's long compilation, run with the
+#: slow suite.
+SLOW = {"tersoff", "morse", "lennard-jones cluster", "lennard-jones fcc", "soft spheres 2D"}
 
 
 def _energy_gradient_hvp(E):
