@@ -168,6 +168,8 @@ def test_vmap_over_parameter_sets_uses_the_device_loop(cluster):
 
 
 
+# Over a minute and a half of compilation; the slow suite (which CI runs) keeps it.
+@pytest.mark.slow
 def test_neighbor_list_relax_is_differentiable_outside_jit(packing):
     """Systems of N >= 500 use neighbor lists; jax.jvp and jax.vjp of ms.relax work there
     (the list is built on the host at R*, with concrete parameters). Forced on the

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -21,6 +23,8 @@ def _run(cmd, **kw):
     return proc
 
 
+# Three minutes (a wheel build, a fresh install, the whole demo): the slow suite, which CI runs.
+@pytest.mark.slow
 def test_wheel_installs_and_the_demo_runs_outside_the_checkout(tmp_path):
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
