@@ -400,7 +400,9 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
                     jax.jvp(lambda y: F(y, theta), (x,), (dR,))[1])
 
         h = LIPSCHITZ_STEP
-        (b, AJ), (b_h, AJ_h) = jax.vmap(b_and_AJ)(jnp.stack([R, R + h * u_hat]))
+        # vmap returns (b at both points, A·J at both points): index the points explicitly
+        bs, AJs = jax.vmap(b_and_AJ)(jnp.stack([R, R + h * u_hat]))
+        b, b_h, AJ, AJ_h = bs[0], bs[1], AJs[0], AJs[1]
         return dR, info, jnp.linalg.norm(b), jnp.linalg.norm(b_h - b) / h, jnp.linalg.norm(AJ_h - AJ) / h
 
     dR, info, b_norm, beta, gamma = jax.vmap(one)(tangents)
