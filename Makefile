@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# One BLAS thread per test worker: with several workers on few cores, OpenBLAS's threads
+# oversubscribe them and NumPy/ASE linear algebra slows down 50x.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m slow
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m slow
 
 demo: $(STAMP)
 	$(BIN)/mdsens demo

@@ -85,11 +85,18 @@ POWER_ITERATIONS = 50
 
 
 # ------------------------------------------------------------------------ pure formulas
+def _xp(*values):
+    """``jax.numpy`` inside a trace, else ``numpy``: the formulas below run on host values
+    too (the physics layer's reports), where each eager jax operation would compile."""
+    return jnp if any(isinstance(v, jax.core.Tracer) for v in values) else np
+
+
 def _positive(alpha):
     """``(ok, safe)``: where ``α`` is a positive finite number, and ``α`` with 1 elsewhere."""
-    alpha = jnp.asarray(alpha)
-    ok = jnp.isfinite(alpha) & (alpha > 0)
-    return ok, jnp.where(ok, alpha, 1.0)
+    xp = _xp(alpha)
+    alpha = xp.asarray(alpha)
+    ok = xp.isfinite(alpha) & (alpha > 0)
+    return ok, xp.where(ok, alpha, 1.0)
 
 
 def theorem1_constant_local(alpha, beta, gamma_jacobian):
@@ -101,7 +108,7 @@ def theorem1_constant_local(alpha, beta, gamma_jacobian):
     Returns NaN where ``α`` is not a positive finite number (no bound exists there).
     """
     ok, safe = _positive(alpha)
-    return jnp.where(ok, (beta + gamma_jacobian) / safe, jnp.nan)
+    return _xp(alpha, beta, gamma_jacobian).where(ok, (beta + gamma_jacobian) / safe, np.nan)
 
 
 def theorem1_constant(alpha, beta, gamma, R):
@@ -113,7 +120,7 @@ def theorem1_constant(alpha, beta, gamma, R):
       R: ``‖B(x*)‖``.
     """
     ok, safe = _positive(alpha)
-    return theorem1_constant_local(jnp.where(ok, alpha, jnp.nan), beta, gamma * R / safe)
+    return theorem1_constant_local(_xp(alpha).where(ok, alpha, np.nan), beta, gamma * R / safe)
 
 
 def theorem1_bound(alpha, beta, gamma, R, distance):
@@ -129,7 +136,7 @@ def distance_from_residual(residual_norm, alpha):
     ``A`` on the segment); to first order in ``‖x̂ − x*‖`` otherwise.
     """
     ok, safe = _positive(alpha)
-    return jnp.where(ok, residual_norm / safe, jnp.nan)
+    return _xp(alpha, residual_norm).where(ok, residual_norm / safe, np.nan)
 
 
 # ------------------------------------------------------------------------ the problem

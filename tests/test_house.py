@@ -255,3 +255,19 @@ def test_traced_checks_reraise_with_the_class_name():
     F, jvp = _ridge_root()
     with pytest.raises(Exception, match="RootError: the solver's output is not a root"):
         jax.jit(lambda t: jvp(jnp.zeros(4), (t,), (1.0,)))(1.0).block_until_ready()
+
+
+def test_import_skips_jax_md_initializer_but_jax_md_still_works():
+    """``import mdsens`` loads only the jax-md modules it uses (a cold-start cost: jax-md's
+    ``__init__`` runs ~120 eager compilations in ``rigid_body``), and user code that
+    imports jax-md afterwards sees the whole package."""
+    code = (
+        "import sys, mdsens\n"
+        "assert 'jax_md.rigid_body' not in sys.modules and 'jax_md.energy' not in sys.modules\n"
+        "import jax_md\n"
+        "from jax_md import rigid_body\n"
+        "assert callable(jax_md.energy.soft_sphere) and rigid_body.RigidBody\n"
+        "assert callable(jax_md.space.free)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -151,3 +151,27 @@ def test_derivatives_reuse_the_relaxation_list_only_while_it_covers_the_range():
     assert relaxation_neighbors(res, res.system, grown) is None
     moved = res.system.replace(positions=res.system.positions + 0.1)
     assert relaxation_neighbors(res, moved, pot.cutoff()) is None
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_host_allocation_equals_jax_md_allocation(periodic):
+    """The numpy allocation (small systems) picks jax-md's pairs and capacity exactly."""
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat((2, 2, 2))
+    del atoms[5]
+    atoms.rattle(0.1, seed=3)
+    system = ms.System.from_ase(atoms)
+    if not periodic:
+        system = ms.System(positions=system.positions, species=system.species, symbols=system.symbols, pbc=False)
+    nl = neighbors.neighbor_list_fn(system, 3.2, capacity_multiplier=1.3)
+    ours = nl.allocate(system.positions, system.cell if periodic else None, extra_capacity=2)
+    x, kw = nl._frac(system.positions, system.cell if periodic else None)
+    theirs = nl._fns.allocate(x, extra_capacity=2, **kw)
+    assert ours.nbrs.max_occupancy == theirs.max_occupancy == ours.idx.shape[1]
+    n = system.n_atoms
+    pairs = lambda idx: {(i, int(j)) for i, row in enumerate(np.asarray(idx)) for j in row if j < n}  # noqa: E731
+    assert pairs(ours.idx) == pairs(theirs.idx) and len(pairs(ours.idx)) > 3 * n
+    # and it updates inside jit like jax-md's own list
+    moved = system.positions + 0.4 * nl.skin
+    updated = jax.jit(lambda R, nb: nl.update(R, nb, system.cell if periodic else None))(moved, ours)
+    reference = nl._fns.allocate(nl._frac(moved, system.cell if periodic else None)[0], **kw)
+    assert pairs(updated.idx) == pairs(reference.idx) and not updated.needs_reallocation()

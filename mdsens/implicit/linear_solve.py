@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -64,7 +65,10 @@ class SolveInfo(NamedTuple):
     @property
     def relative_residual(self):
         """``‖A x − b‖ / ‖b‖`` (0 when ``b = 0``)."""
-        return jnp.where(self.b_norm > 0, self.residual_norm / jnp.where(self.b_norm > 0, self.b_norm, 1), 0.0)
+        traced = isinstance(self.b_norm, jax.core.Tracer) or isinstance(self.residual_norm, jax.core.Tracer)
+        xp = jnp if traced else np  # on the host, numpy: no one-off compilations
+        b_norm, residual_norm = xp.asarray(self.b_norm), xp.asarray(self.residual_norm)
+        return xp.where(b_norm > 0, residual_norm / xp.where(b_norm > 0, b_norm, 1), 0.0)
 
 
 def _flatten_problem(matvec, b, precond, ridge, x0):

@@ -118,8 +118,7 @@ class HostRelaxation:
     def _compile(self, nl):
         init, step = minimize.minimizer(self.problem, self.minimizer, None if nl is None else nl.update)
         self._nl = nl
-        self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)),
-                          jax.jit(_residuals_fn(self.problem)))
+        self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)))
 
     def check_compatible(self, system):
         """Raise :class:`RelaxError` unless ``system`` has this relaxation's layout."""
@@ -162,12 +161,12 @@ class HostRelaxation:
         nl = self._neighbor_fn(system, params)
         if self._compiled is None or nl is not self._nl:
             self._compile(nl)
-        init, run, residuals = self._compiled
+        init, run = self._compiled
 
         cell_ref = system.cell
         X0 = system.positions
         if self.relax_cell:
-            X0 = jnp.concatenate([system.positions, jnp.zeros((system.dim, system.dim))], axis=0)
+            X0 = jnp.asarray(np.concatenate([np.asarray(system.positions), np.zeros((system.dim, system.dim))]))
 
         def allocate(X, extra=0):
             if nl is None:
@@ -177,6 +176,7 @@ class HostRelaxation:
 
         state = init(X0, params, cell_ref, allocate(X0))
         confirmed = None  # the fresh list that confirmed convergence, at the final positions
+        evaluated = None  # (energy, forces, stress) with that list there
         bar = _progress_bar(_progress_enabled(progress), max_steps, self.template)
         chunk = self.minimizer.chunk_size
         extra = 0
@@ -189,7 +189,9 @@ class HostRelaxation:
                     # Converged as the loop saw it: confirm with a fresh list (forces only).
                     X = state.inner.position
                     fresh_list = allocate(X, extra)
-                    f_fresh, s_fresh = (float(v) for v in residuals(X, params, cell_ref, fresh_list))
+                    R, cell = self._physical(X, cell_ref)
+                    evaluated = self._evaluate(R, params, cell, fresh_list)
+                    f_fresh, s_fresh = _criteria(*evaluated[1:], self.relax_cell)
                     if f_fresh < fmax and s_fresh < tol_s:
                         state = state._replace(neighbor=fresh_list)
                         confirmed = fresh_list
@@ -218,11 +220,19 @@ class HostRelaxation:
                 bar.set_postfix_str(f"fmax={float(state.fmax):.3g}", refresh=False)
         finally:
             bar.close()
-        return self._result(system, state, params, nl, confirmed, fmax, tol_s, max_steps)
+        return self._result(system, state, params, nl, confirmed, evaluated, fmax, tol_s, max_steps)
 
-    def _result(self, system, state, params, nl, confirmed, fmax, tol_s, max_steps):
+    def _physical(self, X, cell_ref):
+        """Host form of ``problem.physical``: positions and cell of the state ``X``."""
+        if not self.relax_cell:
+            return X, cell_ref
+        n = self.template.n_atoms
+        D = np.eye(self.template.dim) + np.asarray(X[n:]) / self.cell_factor
+        return jnp.asarray(np.asarray(X[:n]) @ D), jnp.asarray(np.asarray(cell_ref) @ D)
+
+    def _result(self, system, state, params, nl, confirmed, evaluated, fmax, tol_s, max_steps):
         X = state.inner.position
-        R, cell = self.problem.physical(X, system.cell)
+        R, cell = self._physical(X, system.cell)
         if self.relax_cell:
             D = np.eye(system.dim) + np.asarray(X[system.n_atoms:]) / self.cell_factor
             R, cell = _remove_rotation(R, cell, D)
@@ -231,13 +241,16 @@ class HostRelaxation:
             self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
         neighbor = None
         if confirmed is not None and not self.relax_cell:
-            neighbor = confirmed  # built at exactly these positions
-        elif nl is not None:  # unconfirmed, or the rotation removed from the cell moved every atom
-            neighbor = neighbors.stable_metadata(nl.allocate(relaxed.positions, relaxed.cell), self._cell_list_fns)
-        energy, forces, stress = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
-        f = float(minimize.max_norm(forces))
-        # Voigt holds every distinct component of the symmetric tensor: same max |σ_ab|.
-        s = 0.0 if stress is None else float(jnp.max(jnp.abs(stress)))
+            neighbor = confirmed  # built at exactly these positions, and evaluated there
+        else:
+            evaluated = None
+            if nl is not None:  # unconfirmed, or the rotation removed from the cell moved every atom
+                neighbor = neighbors.stable_metadata(nl.allocate(relaxed.positions, relaxed.cell),
+                                                     self._cell_list_fns)
+        if evaluated is None:
+            evaluated = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
+        energy, forces, stress = evaluated
+        f, s = _criteria(forces, stress, True)
         if not (np.isfinite(float(energy)) and np.isfinite(f) and np.isfinite(s)):
             raise RelaxError(f"the relaxed {system!r} has a NaN/inf energy or forces.")
         steps = int(state.step)
@@ -257,14 +270,14 @@ class HostRelaxation:
 
 
 # --------------------------------------------------------------------------- helpers
-def _residuals_fn(problem):
-    """``(X, params, cell, neighbor) -> (fmax, smax)``: the criteria alone, for confirming."""
-    grad = jax.grad(problem.energy)
-
-    def residuals(X, params, cell, neighbor):
-        return problem.residuals(X, grad(X, params, cell, neighbors.indices_only(neighbor)), cell)
-
-    return residuals
+def _criteria(forces, stress, with_stress: bool):
+    """``(fmax, max |σ|)`` on the host (``max |σ|`` is 0 without a stress or when not asked):
+    the convergence criteria of ``problem.residuals`` at a physical structure."""
+    forces = np.asarray(forces)
+    f = float(np.sqrt(np.max(np.sum(forces * forces, axis=-1), initial=0.0)))
+    # Voigt holds every distinct component of the symmetric tensor: same max |σ_ab|.
+    s = 0.0 if stress is None or not with_stress else float(np.max(np.abs(np.asarray(stress))))
+    return f, s
 
 
 def _checked_criteria(fmax, max_steps):

@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax_md import minimize as jax_md_minimize
+from mdsens.md._jax_md import minimize as jax_md_minimize
 
 from mdsens.md import neighbors
 from mdsens.md.errors import RelaxError

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import partition, space
+from mdsens.md._jax_md import partition, space
 
 from mdsens.md.errors import NeighborListError
 from mdsens.md.space import perpendicular_widths
@@ -45,6 +45,9 @@ DEFAULT_MARGIN_FRACTION = 0.5
 CELL_LIST_MAX_BYTES = 2**30
 #: Largest N for the O(N²) candidate build when a cell list would be too sparse.
 DENSE_BUILD_MAX_ATOMS = 5000
+#: Up to this many atoms a list is allocated on the host (numpy, all pairs): cheaper
+#: than the one-off compilations of jax-md's eager allocation, which pays off above it.
+HOST_ALLOCATION_MAX_ATOMS = 1024
 
 
 def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS) -> bool:
@@ -59,8 +62,9 @@ def metric_box(cell):
     with ``R`` select exactly the same pairs; jax-md's cell-list sizing is only right for
     upper-triangular boxes.
     """
-    _, r = jnp.linalg.qr(jnp.asarray(cell).T)
-    signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+    xp = jnp if isinstance(cell, jax.core.Tracer) else np  # host work compiles nothing
+    _, r = xp.linalg.qr(xp.asarray(cell, dtype=np.float64).T)
+    signs = xp.where(xp.diagonal(r) < 0, -1.0, 1.0)
     return signs[:, None] * r
 
 
@@ -112,7 +116,7 @@ _REALLOCATE = partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVE
 
 
 def _needs_reallocation(nbrs) -> bool:
-    return bool(int(nbrs.error.code) & _REALLOCATE)
+    return bool(int(np.asarray(nbrs.error.code)) & _REALLOCATE)
 
 
 def needs_reallocation(neighbor):
@@ -134,7 +138,12 @@ class NeighborIndices(NamedTuple):
 def _overflow_flag(neighbor):
     """The overflow flag of a list, or ``None`` if it carries none (bare indices)."""
     nbrs = getattr(neighbor, "nbrs", neighbor)
-    return getattr(nbrs, "did_buffer_overflow", None) if hasattr(nbrs, "error") else None
+    if not hasattr(nbrs, "error"):
+        return None
+    code = nbrs.error.code
+    if isinstance(code, jax.core.Tracer):
+        return nbrs.did_buffer_overflow
+    return bool(int(np.asarray(code)) & (partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW))
 
 
 def refuse_overflowed(neighbor, where: str = "this computation") -> None:
@@ -309,12 +318,42 @@ class NeighborListFn:
 
     def allocate(self, positions, cell=None, extra_capacity: int = 0) -> Neighbors:
         """Build a list from scratch (host; not jit-able: the capacity is data-dependent)."""
-        x, kw = self._frac(positions, cell)
-        nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
+        if self.cell_list and self.n_atoms > HOST_ALLOCATION_MAX_ATOMS:
+            x, kw = self._frac(positions, cell)
+            nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
+        else:
+            nbrs, kw = self._allocate_all_pairs(positions, cell, extra_capacity)
         out = Neighbors(nbrs, kw.get("box"), self.cutoff, self.skin)
         if out.needs_reallocation():  # cannot happen for a fresh list; never ignore it
             raise NeighborListError(f"freshly allocated neighbor list reports an error: {nbrs.error}")
         return out
+
+    def _allocate_all_pairs(self, positions, cell, extra_capacity):
+        """jax-md's allocation without a cell list, in numpy: the same list (pairs closer
+        than ``list_radius`` in the metric jax-md uses, capacity sized as jax-md sizes it),
+        without the ~35 one-off compilations of jax-md's eager allocation."""
+        x = np.asarray(positions, np.float64)
+        n = x.shape[0]
+        kw = {}
+        if self.periodic:
+            cell = np.asarray(cell, np.float64)
+            x = np.mod(np.linalg.solve(cell.T, x.T).T, 1.0)
+            kw["box"] = box = metric_box(cell)
+        near = np.zeros((n, n), bool)
+        for start in range(0, n, _ROWS_PER_CHUNK):
+            d = x[start:start + _ROWS_PER_CHUNK, None, :] - x[None, :, :]
+            if self.periodic:
+                d = (d - np.floor(d + 0.5)) @ box.T
+            near[start:start + _ROWS_PER_CHUNK] = np.einsum("ijd,ijd->ij", d, d) < self.list_radius ** 2
+        np.fill_diagonal(near, False)
+        occupancy = int(near.sum(axis=1).max(initial=0))
+        capacity = min(int(occupancy * self.capacity_multiplier + extra_capacity), max(n - 1, 0))
+        order = np.argsort(~near, axis=1, kind="stable")[:, :capacity]
+        idx = np.where(np.take_along_axis(near, order, axis=1), order, n).astype(np.int32)
+        nbrs = partition.NeighborList(
+            jnp.asarray(idx), jnp.asarray(x), partition.PartitionError(jnp.zeros((), jnp.uint8)),
+            None, capacity, partition.Dense, None, None, self._fns.update)
+        return nbrs, {k: jnp.asarray(v) for k, v in kw.items()}
 
     def update(self, positions, neighbors: Neighbors, cell=None) -> Neighbors:
         """Pure, jit-able update; rebuilds on atom motion > skin/2 or box strain > max_strain.

@@ -18,10 +18,11 @@ same three checks run for all of them:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Optional
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from mdsens.md import neighbors, zero_modes
@@ -33,7 +34,7 @@ from mdsens.md.errors import (
     SaddlePointError,
     StructureError,
 )
-from mdsens.md.minimize import max_norm
+from mdsens.md.hessian import gradient_and_blocks
 from mdsens.md.options import as_neighbor_list
 from mdsens.md.system import System
 
@@ -69,6 +70,12 @@ class DerivativeProblem:
     neighbor: object
     converged: Optional[bool]
     recorded_fmax: Optional[float]
+    gradient: object = None
+    blocks: object = None
+
+
+#: ``(∇E, Hessian blocks)`` at one structure, compiled once per energy function (static).
+_gradient_and_blocks = jax.jit(gradient_and_blocks, static_argnums=0)
 
 
 def relaxation_neighbors(result, system, cutoff):
@@ -129,24 +136,28 @@ class ProblemBuilder:
         # Derivatives are taken at this one structure: the pairs within the cutoff suffice,
         # and every Hessian product then costs a fraction of one on the relaxation's list.
         interacting = neighbors.interacting_neighbors(system, cutoff, neighbor)
-        return DerivativeProblem(system, params, self._energy[layout], interacting,
+        energy = self._energy[layout]
+        # One program builds the gradient (for the force checks) and the Hessian blocks;
+        # the stability analysis and the solves take the blocks as data.
+        gradient, blocks = _gradient_and_blocks(energy, system.positions, params, system.cell, interacting)
+        return DerivativeProblem(system, params, energy, interacting,
                                  None if converged is None else bool(converged),
-                                 None if recorded is None else float(recorded))
+                                 None if recorded is None else float(recorded), gradient, blocks)
 
 
-def check_stationary(prob: DerivativeProblem, gradient, strict: bool, strict_fmax: float,
+def check_stationary(prob: DerivativeProblem, strict: bool, strict_fmax: float,
                      what: str = "the derivative") -> float:
     """The largest force at the input, after the stationarity checks (module docstring).
 
-    ``gradient``: ``∂E/∂R`` at the input, ``(N, d)``. Returns ``max_i |F_i|``.
+    Reads ``prob.gradient`` (``∂E/∂R`` at the input, ``(N, d)``). Returns ``max_i |F_i|``.
     """
-    g = np.asarray(gradient)
+    g = np.asarray(prob.gradient)
     if not np.all(np.isfinite(g)):
         raise StructureError(
             f"the forces at the input structure are NaN/inf, so {what} cannot be computed. Usual "
             "causes: overlapping atoms, or parameters outside the potential's range."
         )
-    fmax_now = float(max_norm(jnp.asarray(g))) if g.size else 0.0
+    fmax_now = float(np.sqrt(np.max(np.sum(g * g, axis=-1)))) if g.size else 0.0
     recorded = prob.recorded_fmax
     if (prob.converged and recorded is not None and fmax_now > strict_fmax
             and fmax_now > MISMATCH_FACTOR * max(recorded, 1e-300)):
@@ -177,7 +188,7 @@ def null_basis(prob: DerivativeProblem, stability, fmax_now: Optional[float] = N
         return zero_modes.rigid_modes(system.positions, system.pbc), 0, float("nan"), float("nan")
     try:
         report = zero_modes.stability(prob.energy, system.positions, system.pbc, stability,
-                                      args=(prob.params, system.cell, prob.neighbor))
+                                      args=(prob.params, system.cell, prob.neighbor), blocks=prob.blocks)
     except SaddlePointError as err:
         if fmax_now is not None and fmax_now >= STRICT_FMAX:
             raise type(err)(

@@ -322,6 +322,25 @@ class Sensitivity:
 
 
 # ------------------------------------------------------------------------ machinery
+def _flat(params) -> np.ndarray:
+    """``ravel_pytree(params)[0]`` on the host (eager jax operations would each compile)."""
+    return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(params)]
+                          or [np.zeros(0)])
+
+
+def _unraveler(params):
+    """``ravel_pytree(params)[1]`` built on the host: the flat vector's layout only."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    shapes = [np.shape(v) for v in leaves]
+    ends = np.cumsum([int(np.prod(sh)) for sh in shapes]).tolist()
+
+    def unravel(flat):
+        pieces = [flat[e - int(np.prod(sh)):e].reshape(sh) for sh, e in zip(shapes, ends)]
+        return jax.tree_util.tree_unflatten(treedef, pieces)
+
+    return unravel
+
+
 def _energy_of_theta(prob, wrt):
     """``E_θ(x, θ, cell, nb, params)``: the energy as a function of what is differentiated.
 
@@ -339,7 +358,7 @@ def _energy_of_theta(prob, wrt):
             Fm = deformation_gradient(eps_v, dim)
             return energy(U @ Fm, params, cell @ Fm, nb)
     else:
-        _, unravel = ravel_pytree(prob.params)
+        unravel = _unraveler(prob.params)
 
         def E_theta(x, th, cell, nb, params):
             return energy(x, unravel(th), cell, nb)
@@ -348,22 +367,24 @@ def _energy_of_theta(prob, wrt):
 
 
 def _hessian_of_theta(prob, wrt):
-    """``H(x, θ, cell, nb, params) -> (v ↦ ∂²E_θ/∂x² v)`` for :func:`_energy_of_theta`'s ``E_θ``,
-    from the potential's fast products (:mod:`mdsens.md.hessian`)."""
+    """``H(x, θ, cell, nb, params, blocks) -> (v ↦ ∂²E_θ/∂x² v)`` for :func:`_energy_of_theta`'s
+    ``E_θ``, from the potential's fast products (:mod:`mdsens.md.hessian`); ``blocks``
+    (``prob.blocks``) were built at the problem's structure and parameters, where the
+    solves take place (``θ`` is then the problem's own, and the strain 0)."""
     energy = prob.energy
     if wrt == "cell":
         dim = prob.system.dim
 
-        def hessian(U, eps_v, cell, nb, params):
+        def hessian(U, eps_v, cell, nb, params, blocks):
             # E(U F) has Hessian-vector products F-conjugated: ∇²_U v = (∇²_R (v F)) Fᵀ.
             Fm = deformation_gradient(eps_v, dim)
-            product = hessian_products(energy, U @ Fm, params, cell @ Fm, nb)
+            product = hessian_products(energy, U @ Fm, params, cell @ Fm, nb, blocks=blocks)
             return lambda v: product(v @ Fm) @ Fm.T
     else:
-        _, unravel = ravel_pytree(prob.params)
+        unravel = _unraveler(prob.params)
 
-        def hessian(x, th, cell, nb, params):
-            return hessian_products(energy, x, unravel(th), cell, nb)
+        def hessian(x, th, cell, nb, params, blocks):
+            return hessian_products(energy, x, unravel(th), cell, nb, blocks=blocks)
 
     return hessian
 
@@ -394,15 +415,15 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
-        # b and A·J at R and at R + h û in one pass: one mixed and one Hessian-vector product
-        def b_and_AJ(x):
-            return (jax.jvp(lambda th: F(x, th), (theta,), (t,))[1],
-                    jax.jvp(lambda y: F(y, theta), (x,), (dR,))[1])
-
+        # b = ∂_θF t and A·J = ∂ₓF dR at R and at R + h û: four tangents of one jvp of F
+        # (one copy of its code in the compiled program, not a mixed and a Hessian product)
         h = LIPSCHITZ_STEP
-        # vmap returns (b at both points, A·J at both points): index the points explicitly
-        bs, AJs = jax.vmap(b_and_AJ)(jnp.stack([R, R + h * u_hat]))
-        b, b_h, AJ, AJ_h = bs[0], bs[1], AJs[0], AJs[1]
+        zero_x, zero_t = jnp.zeros_like(R), jnp.zeros_like(t)
+        points = jnp.stack([R, R + h * u_hat, R, R + h * u_hat])
+        x_tangents = jnp.stack([zero_x, zero_x, dR, dR])
+        th_tangents = jnp.stack([t, t, zero_t, zero_t])
+        b, b_h, AJ, AJ_h = jax.vmap(lambda x, tx, tt: jax.jvp(F, (x, theta), (tx, tt))[1])(
+            points, x_tangents, th_tangents)
         return dR, info, jnp.linalg.norm(b), jnp.linalg.norm(b_h - b) / h, jnp.linalg.norm(AJ_h - AJ) / h
 
     dR, info, b_norm, beta, gamma = jax.vmap(one)(tangents)
@@ -447,11 +468,9 @@ class _Derivative:
         return (s.n_atoms, s.dim, s.pbc, tuple(np.asarray(s.species).tolist()),
                 tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None) + extra
 
-    def _checked(self, prob, F, theta, what):
+    def _checked(self, prob, what):
         """``(fmax, (basis, n_soft, λ_min, λ_max))``: the force check, then the null space."""
-        s = prob.system
-        g0 = F(s.positions, theta, s.cell, prob.neighbor, prob.params)
-        fmax_now = check_stationary(prob, g0, self.strict, self.strict_fmax, what)
+        fmax_now = check_stationary(prob, self.strict, self.strict_fmax, what)
         return fmax_now, null_basis(prob, self.stability, fmax_now)
 
 
@@ -481,13 +500,13 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             H = _hessian_of_theta(prob, self.wrt)
             solve = self.solve
 
-            def run(R, theta, tangents, basis, cell, nb, params):
+            def run(R, theta, tangents, basis, cell, nb, params, blocks):
                 Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
-                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params))
+                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks))
                 partial = jax.grad(E_theta, argnums=1)(R, theta, cell, nb, params)
                 return cols, partial
 
-            self._compiled[key] = (jax.jit(F), jax.jit(run))
+            self._compiled[key] = jax.jit(run)
         return self._compiled[key]
 
     def _parameters(self, system, params):
@@ -497,25 +516,25 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             nv = len(voigt_names(system.dim))
             return (jnp.zeros((nv,), jnp.float64), jnp.eye(nv, dtype=jnp.float64),
                     tuple(f"strain_{n}" for n in voigt_names(system.dim)), np.zeros(nv), np.arange(nv), {})
-        theta, _ = ravel_pytree(params)
+        theta = _flat(params)
         if isinstance(wrt, dict):
             names, tangents = _directions(wrt, params)
-            return theta, tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
+            return jnp.asarray(theta), tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
         labels = _param_labels(params)
         idx = _select(labels, wrt)
-        return (theta, jnp.eye(theta.size, dtype=jnp.float64)[idx], tuple(labels[i] for i in idx),
-                np.asarray(theta)[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
+        return (jnp.asarray(theta), jnp.asarray(np.eye(theta.size)[idx]), tuple(labels[i] for i in idx),
+                theta[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
 
     def __call__(self, result, params=None, neighbor=None) -> Sensitivity:
         prob = self._problem(result, params, neighbor)
         system, params_ = prob.system, prob.params
         theta, tangents, names, values, idx, shapes = self._parameters(system, params_)
-        F, run = self._functions(prob, tangents.shape[0])
-        fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, F, theta, "a sensitivity")
+        run = self._functions(prob, tangents.shape[0])
+        fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, "a sensitivity")
         R = system.positions
 
         (dR, info, b_norm, beta, gamma, g, g_norm), partial = run(
-            R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_)
+            R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
         dR = np.asarray(dR)
         rel = np.asarray(info.relative_residual)
         _report_solve(np.asarray(info.converged), rel, names, self.on_failure)
@@ -640,7 +659,7 @@ class make_observable_gradient(_Derivative):  # noqa: N801
                 D = deformation_gradient(eps_v, dim)
                 return observable(U @ D, params, cell @ D)
         else:
-            _, unravel = ravel_pytree(prob.params)
+            unravel = _unraveler(prob.params)
 
             def O(x, th, cell, params):
                 return observable(x, unravel(th), cell)
@@ -649,14 +668,14 @@ class make_observable_gradient(_Derivative):  # noqa: N801
         H = _hessian_of_theta(prob, self.wrt)
 
         @jax.jit
-        def grad_total(R, theta, B, cell, nb, params):
+        def grad_total(R, theta, B, cell, nb, params, blocks):
             gR, gth = jax.grad(O, argnums=(0, 1))(R, theta, cell, params)
             Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
             (cot,) = root_vjp(Fc, R, (theta,), gR, solve=solve, nullspace=lambda x, th: B,
-                              symmetric=True, on_failure=policy, operator=H(R, theta, cell, nb, params))
+                              symmetric=True, on_failure=policy, operator=H(R, theta, cell, nb, params, blocks))
             return gth + cot
 
-        self._compiled[key] = (jax.jit(F), grad_total, O)
+        self._compiled[key] = (grad_total, O)
         return self._compiled[key]
 
     def __call__(self, result, params=None, neighbor=None):
@@ -664,9 +683,9 @@ class make_observable_gradient(_Derivative):  # noqa: N801
         if self.wrt == "cell":
             theta, unravel = jnp.zeros((len(voigt_names(prob.system.dim)),), jnp.float64), None
         else:
-            theta, unravel = ravel_pytree(prob.params)
-        F, grad_total, O = self._functions(prob)
-        _, (basis, *_) = self._checked(prob, F, theta, "an observable gradient")
+            theta, unravel = jnp.asarray(_flat(prob.params)), _unraveler(prob.params)
+        grad_total, O = self._functions(prob)
+        _, (basis, *_) = self._checked(prob, "an observable gradient")
         s = prob.system
         try:
             value = jax.eval_shape(O, s.positions, theta, s.cell, prob.params)
@@ -677,8 +696,8 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             ) from None
         if value.shape != ():
             raise OptionError(f"the observable must return a scalar; it returns shape {value.shape}.")
-        out = grad_total(s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params)
-        if not bool(jnp.all(jnp.isfinite(out))):
+        out = grad_total(s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
+        if not np.all(np.isfinite(np.asarray(out))):
             raise StructureError("the observable's gradient is NaN/inf at this structure; check the observable.")
         return np.asarray(out) if unravel is None else unravel(out)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from jax_md import space as jspace
+from mdsens.md._jax_md import space as jspace
 
 
 def periodic_general_displacement(frac_a, frac_b, box):

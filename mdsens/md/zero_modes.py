@@ -114,16 +114,18 @@ def check_spectrum(rest, lam_max: float, o: StabilityOptions, subject: str, beyo
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _batched_hvp(energy, positions, args, V):
+def _batched_hvp(energy, positions, args, blocks, V):
     """``H v`` for each ``v`` of ``V (m, N, d)``, with ``H`` the Hessian of ``energy(R, *args)``.
 
     Jitted with ``energy`` static: a caller that passes the same energy function (the
     ``make_*`` callables do) reuses the compiled products across calls and structures.
+    ``blocks``: from :func:`~mdsens.md.hessian.gradient_and_blocks`, or ``None``.
     """
-    return jax.vmap(hessian_products(energy, positions, *args))(V)
+    return jax.vmap(hessian_products(energy, positions, *args, blocks=blocks))(V)
 
 
-def find_isolated_dofs(energy: Callable, positions, *, rtol: float = 1e-12, args: tuple = ()) -> np.ndarray:
+def find_isolated_dofs(energy: Callable, positions, *, rtol: float = 1e-12, args: tuple = (),
+                       blocks=None) -> np.ndarray:
     """Degrees of freedom whose Hessian row is zero (rattlers), by random probing.
 
     ``ISOLATED_DOF_PROBES`` Hessian-vector products with Gaussian probes (fixed keys:
@@ -140,9 +142,8 @@ def find_isolated_dofs(energy: Callable, positions, *, rtol: float = 1e-12, args
       component ``k % d``). All of them if the Hessian is zero; none if it is not finite.
     """
     R = jnp.asarray(positions, jnp.float64)
-    keys = jax.random.split(jax.random.PRNGKey(_PROBE_SEED), ISOLATED_DOF_PROBES)
-    Z = jnp.stack([jax.random.normal(k, R.shape, jnp.float64) for k in keys])
-    HZ = np.asarray(_batched_hvp(energy, R, tuple(args), Z)).reshape(ISOLATED_DOF_PROBES, -1)
+    Z = np.random.default_rng(_PROBE_SEED).standard_normal((ISOLATED_DOF_PROBES, *R.shape))
+    HZ = np.asarray(_batched_hvp(energy, R, tuple(args), blocks, jnp.asarray(Z))).reshape(ISOLATED_DOF_PROBES, -1)
     response = np.abs(HZ).max(axis=0)
     scale = response.max()  # NaN if the Hessian is not finite: nothing is flagged
     return np.flatnonzero(response <= rtol * scale)
@@ -224,12 +225,12 @@ def _projected_hvp(product, shape, known, free, PV):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _projected_lambda_max(energy, positions, args, known, free):
+def _projected_lambda_max(energy, positions, args, blocks, known, free):
     """Power-iteration estimate of ``λ_max`` of ``P H P`` (jitted, cached on ``energy``)."""
     dof = positions.size
     v = _project(jax.random.normal(jax.random.PRNGKey(1), (dof, 1), jnp.float64), known, free)
     v = v / jnp.linalg.norm(v)
-    product = hessian_products(energy, positions, *args)
+    product = hessian_products(energy, positions, *args, blocks=blocks)
 
     def body(_, carry):
         v, _ = carry
@@ -241,8 +242,8 @@ def _projected_lambda_max(energy, positions, args, known, free):
     return lam
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _lobpcg_lowest(energy, positions, args, known, free, shift, X, iterations, tol):
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def _lobpcg_lowest(energy, positions, args, blocks, known, free, shift, X, iterations, tol):
     """``iterations`` of LOBPCG for the lowest eigenpairs of ``P H P``, from block ``X``.
 
     LOBPCG finds the largest eigenpairs of ``P (shift·I − H) P``; returns the
@@ -252,7 +253,7 @@ def _lobpcg_lowest(energy, positions, args, known, free, shift, X, iterations, t
     """
     from jax.experimental.sparse.linalg import lobpcg_standard
 
-    product = hessian_products(energy, positions, *args)
+    product = hessian_products(energy, positions, *args, blocks=blocks)
 
     def shifted(V):
         PV = _project(V, known, free)
@@ -318,7 +319,7 @@ class _Spectrum(NamedTuple):
     method: str
 
 
-def _dense_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
+def _dense_spectrum(energy, R, args, blocks, Qf, free, o) -> _Spectrum:
     n, d = R.shape
     dof, n_free = R.size, int(free.sum())
     free_idx = np.flatnonzero(free)
@@ -327,8 +328,9 @@ def _dense_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
     # modes to identify and drop (they are never in the problem).
     Cf = np.linalg.qr(Qf[free_idx], mode="complete")[0][:, kf:] if kf else np.eye(n_free)
     if Cf.shape[1]:
-        units = jnp.zeros((n_free, dof), jnp.float64).at[np.arange(n_free), free_idx].set(1.0)
-        H = np.asarray(_batched_hvp(energy, R, args, units.reshape(n_free, n, d)))
+        units = np.zeros((n_free, dof))
+        units[np.arange(n_free), free_idx] = 1.0
+        H = np.asarray(_batched_hvp(energy, R, args, blocks, jnp.asarray(units.reshape(n_free, n, d))))
         H = H.reshape(n_free, dof)[:, free_idx]  # (n_free, n_free)
         H = 0.5 * (H + H.T)
         w, U = np.linalg.eigh(Cf.T @ H @ Cf)
@@ -341,14 +343,14 @@ def _dense_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
     return _Spectrum(w, w[~soft_mask], V[:, soft_mask], lam_max, True, False, "dense")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9))
-def _lanczos_steps(energy, positions, args, known, free, V, alpha, beta, k0, steps):
+@functools.partial(jax.jit, static_argnums=(0, 10))
+def _lanczos_steps(energy, positions, args, blocks, known, free, V, alpha, beta, k0, steps):
     """``steps`` Lanczos iterations on ``P H P`` from iteration ``k0``, with full
     reorthogonalization. ``V (m + 1, dof)`` holds the Lanczos vectors as rows (row ``k0``
     is the current one), ``alpha`` and ``beta (m,)`` the tridiagonal. Jitted with
     ``energy`` static, like the other Hessian products."""
     tiny = jnp.finfo(V.dtype).tiny ** 0.5
-    product = hessian_products(energy, positions, *args)
+    product = hessian_products(energy, positions, *args, blocks=blocks)
 
     def body(i, carry):
         V, alpha, beta = carry
@@ -372,7 +374,7 @@ def _lanczos_steps(energy, positions, args, known, free, V, alpha, beta, k0, ste
 _LANCZOS_CHUNK = 20
 
 
-def _lanczos_spectrum(energy, R, args, Qf, free, o) -> Optional[_Spectrum]:
+def _lanczos_spectrum(energy, R, args, blocks, Qf, free, o) -> Optional[_Spectrum]:
     """The low spectrum by Lanczos from one random vector (the common case: no soft mode
     beyond the known ones). ``None`` when a converged soft Ritz pair appears (one vector
     cannot resolve a degenerate zero eigenspace) or Lanczos does not converge within
@@ -383,15 +385,17 @@ def _lanczos_spectrum(energy, R, args, Qf, free, o) -> Optional[_Spectrum]:
         return _Spectrum(np.zeros(0), np.zeros(0), np.zeros((dof, 0)), 0.0, True, False, "lanczos")
     m = int(min(o.maxiter, n_comp))
     m = _LANCZOS_CHUNK * -(-m // _LANCZOS_CHUNK)  # whole chunks (extra rows stay unused)
-    known, free_j = jnp.asarray(Qf), jnp.asarray(free, jnp.float64)
-    v0 = _project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED), (dof, 1), jnp.float64), known, free_j)[:, 0]
-    V = jnp.zeros((m + 1, dof), jnp.float64).at[0].set(v0 / jnp.linalg.norm(v0))
-    alpha, beta = jnp.zeros(m, jnp.float64), jnp.zeros(m, jnp.float64)
+    # Host arrays for the set-up: eager jax operations would each compile once.
+    known, free_j = jnp.asarray(Qf), jnp.asarray(free.astype(np.float64))
+    v0 = _project(np.random.default_rng(_LOBPCG_SEED).standard_normal((dof, 1)), Qf, free.astype(float))[:, 0]
+    V = np.zeros((m + 1, dof))
+    V[0] = v0 / np.linalg.norm(v0)
+    V, alpha, beta = jnp.asarray(V), jnp.asarray(np.zeros(m)), jnp.asarray(np.zeros(m))
     k = 0
     while k < m:
-        V, alpha, beta = _lanczos_steps(energy, R, args, known, free_j, V, alpha, beta, k, _LANCZOS_CHUNK)
+        V, alpha, beta = _lanczos_steps(energy, R, args, blocks, known, free_j, V, alpha, beta, k, _LANCZOS_CHUNK)
         k += _LANCZOS_CHUNK
-        a, b = np.asarray(alpha[:k]), np.asarray(beta[:k])
+        a, b = np.asarray(alpha)[:k], np.asarray(beta)[:k]
         broke = np.flatnonzero(b <= 1e-12 * max(np.abs(a).max(), 1e-300))
         size = int(broke[0]) + 1 if broke.size else k  # an invariant subspace: exact Ritz values
         theta, S = scipy.linalg.eigh_tridiagonal(a[:size], b[:size - 1])
@@ -410,10 +414,10 @@ def _lanczos_spectrum(energy, R, args, Qf, free, o) -> Optional[_Spectrum]:
     return None
 
 
-def _lobpcg_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
+def _lobpcg_spectrum(energy, R, args, blocks, Qf, free, o) -> _Spectrum:
     dof, n_free = R.size, int(free.sum())
-    free_j = jnp.asarray(free, jnp.float64)
-    lam_max = float(_projected_lambda_max(energy, R, args, jnp.asarray(Qf), free_j))
+    free_j = jnp.asarray(free.astype(np.float64))
+    lam_max = float(_projected_lambda_max(energy, R, args, blocks, jnp.asarray(Qf), free_j))
     shift = 1.05 * lam_max
     known = Qf  # grows by the soft modes of rounds that found nothing else
     soft_found = np.zeros((dof, 0))
@@ -428,8 +432,8 @@ def _lobpcg_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
             break
         m = max(1, min(block, (dof - 1) // 5, n_comp // 3))
         known_j = jnp.asarray(known)
-        X = _project(jax.random.normal(jax.random.PRNGKey(_LOBPCG_SEED + round_), (dof, m), jnp.float64),
-                     known_j, free_j)
+        X = jnp.asarray(_project(np.random.default_rng(_LOBPCG_SEED + round_).standard_normal((dof, m)),
+                                 known, free.astype(float)))
         # jax's criterion is ‖r‖ < tol·10·n·(θ + ‖A u‖) with θ ≈ ‖A u‖ ≤ 1.05 λ_max: ask for
         # ‖r‖ ≲ lobpcg_tol·λ_max, whatever n (soft modes' directions are only accurate to
         # ~‖r‖/λ_min, and they go into the null-space basis).
@@ -437,7 +441,7 @@ def _lobpcg_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
         done = 0
         while True:
             chunk = min(o.lobpcg_chunk, o.maxiter - done)
-            w, U, iters, resid = _lobpcg_lowest(energy, R, args, known_j, free_j, shift, X, chunk, tol)
+            w, U, iters, resid = _lobpcg_lowest(energy, R, args, blocks, known_j, free_j, shift, X, chunk, tol)
             done += int(iters)
             w, U, resid = np.asarray(w), np.asarray(U), np.asarray(resid)
             lam_max = max(lam_max, float(np.abs(w).max()))
@@ -459,7 +463,7 @@ def _lobpcg_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
             converged = converged and reported_ok
         order = np.argsort(w)
         w, U, soft_mask = w[order], U[:, order], soft_mask[order]
-        new_soft = _orthonormal_columns(np.asarray(_project(jnp.asarray(U[:, soft_mask]), known_j, free_j)))
+        new_soft = _orthonormal_columns(_project(U[:, soft_mask], known, free.astype(float)))
         soft_found = np.concatenate([soft_found, new_soft], axis=1)
         rest = w[~soft_mask]
         if rest.size or m >= n_comp:
@@ -475,7 +479,7 @@ def _lobpcg_spectrum(energy, R, args, Qf, free, o) -> _Spectrum:
 
 
 def stability(energy: Callable, positions, pbc: bool, options: Optional[StabilityOptions] = None, *,
-              args: tuple = ()) -> StabilityReport:
+              args: tuple = (), blocks=None) -> StabilityReport:
     """Check that ``positions`` is a minimum of ``energy`` and find its zero modes.
 
     Args:
@@ -487,6 +491,9 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
         ``(params, cell, neighbor)``). Passing the same ``energy`` function with
         changing ``args`` reuses the compiled Hessian-vector products across calls; a
         fresh closure recompiles them every time.
+      blocks: Hessian blocks of ``energy`` at ``(positions, *args)`` from
+        :func:`~mdsens.md.hessian.gradient_and_blocks`, built once by the caller; each
+        product program then compiles only their cheap application.
 
     Returns:
       :class:`StabilityReport`.
@@ -513,7 +520,7 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
     if o.isolated_dof_rtol is None:
         iso = np.zeros(0, dtype=np.int64)
     else:
-        iso = find_isolated_dofs(energy, R, rtol=o.isolated_dof_rtol, args=args)
+        iso = find_isolated_dofs(energy, R, rtol=o.isolated_dof_rtol, args=args, blocks=blocks)
     free = np.ones(dof, dtype=bool)
     free[iso] = False
     # Known modes as a mask plus a few dense vectors: the rigid modes restricted to the
@@ -525,11 +532,11 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
     iso_modes = _isolated_modes(Q, Qf, iso)  # (m, dof): the report's basis needs them
 
     if method == "dense":
-        found = _dense_spectrum(energy, R, args, Qf, free, o)
+        found = _dense_spectrum(energy, R, args, blocks, Qf, free, o)
     else:
-        found = _lanczos_spectrum(energy, R, args, Qf, free, o) if method == "lanczos" else None
+        found = _lanczos_spectrum(energy, R, args, blocks, Qf, free, o) if method == "lanczos" else None
         if found is None:  # soft modes, an unconverged Lanczos, or method="lobpcg"
-            found = _lobpcg_spectrum(energy, R, args, Qf, free, o)
+            found = _lobpcg_spectrum(energy, R, args, blocks, Qf, free, o)
             if method == "lanczos":
                 found = found._replace(method="lanczos+lobpcg")
 

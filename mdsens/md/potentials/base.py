@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import space
+from mdsens.md._jax_md import space
 
 from mdsens._config import require_x64
 from mdsens.md import cache, neighbors
@@ -51,6 +51,8 @@ __all__ = [
     "check_cutoff_fits_cell",
     "safe_norm",
     "pair_table",
+    "local_hessian_blocks",
+    "local_hessian_apply",
     "local_hessian_products",
 ]
 
@@ -336,17 +338,31 @@ class Potential:
                 e = jnp.where(neighbors.overflow_flag(neighbor), jnp.nan, e)
             return e
 
-        def hessian_products(positions, params, cell=None, neighbor=None):
-            """``V (..., N, d) -> H V``, or ``None`` where blocks do not pay (see
-            :func:`local_hessian_products`)."""
+        pairwise = self.pairwise
+
+        def gradient_and_hessian_blocks(positions, params, cell=None, neighbor=None):
+            """``(∇E, blocks)`` (:func:`local_hessian_blocks`), or ``None`` where blocks do
+            not pay (no list, or too big)."""
             if neighbor is None:
                 return None
             params = validate(params)
-            return local_hessian_products(
+            return local_hessian_blocks(
                 lambda R: pair_vectors(R, cell, neighbor)[0], positions,
                 lambda dR, mask, sj: local_energy(params, dR, mask, jnp.asarray(species), sj),
-                pair_vectors(positions, cell, neighbor)[1:], pairwise=self.pairwise)
+                pair_vectors(positions, cell, neighbor)[1:], pairwise=pairwise)
 
+        def hessian_apply(blocks, positions, params, cell=None, neighbor=None):
+            """``v ↦ H v`` from blocks built at the same arguments."""
+            return local_hessian_apply(lambda R: pair_vectors(R, cell, neighbor)[0], positions, blocks,
+                                       pairwise=pairwise)
+
+        def hessian_products(positions, params, cell=None, neighbor=None):
+            """``V (..., N, d) -> H V``, or ``None`` where blocks do not pay."""
+            built = gradient_and_hessian_blocks(positions, params, cell, neighbor)
+            return None if built is None else hessian_apply(built[1], positions, params, cell, neighbor)
+
+        energy.gradient_and_hessian_blocks = gradient_and_hessian_blocks
+        energy.hessian_apply = hessian_apply
         energy.hessian_products = hessian_products
         return energy
 
@@ -420,16 +436,18 @@ class Potential:
 LOCAL_HESSIAN_MAX_ENTRIES = 2**26
 
 
-def local_hessian_products(pair_vectors_of: Callable, positions, local_energy: Callable, aux, *,
-                           pairwise: bool) -> Optional[Callable]:
-    """``v ↦ ∇²E v`` from small dense blocks of the local energy's Hessian.
+def local_hessian_blocks(pair_vectors_of: Callable, positions, local_energy: Callable, aux, *,
+                         pairwise: bool):
+    """``(∇E (N, d), blocks)``: the gradient and small dense blocks of the local energy's Hessian.
 
     ``E(R) = L(dR(R))``, with ``dR (N, M, d)`` linear in ``R`` near ``R`` (fixed images)
     and ``L`` a sum over atoms of terms of one row of ``dR`` (of one slot when
-    ``pairwise``). Then ``∇²E = Jᵀ (⊕ ∇²L_i) J`` with ``J = ∂dR/∂R``: a product is a
-    gather, ``N`` small dense products and a scatter. The blocks cost ``M d`` products
-    of ``∇L`` (``d`` when ``pairwise``), once; each Hessian product then costs a fraction
-    of an autodiff one (5x at Stillinger–Weber N = 999 with a tight list).
+    ``pairwise``). Then ``∇E = Jᵀ ∇L`` and ``∇²E = Jᵀ (⊕ ∇²L_i) J`` with ``J = ∂dR/∂R``.
+    The blocks cost ``M d`` products of ``∇L`` (``d`` when ``pairwise``), once; each
+    Hessian product afterwards (:func:`local_hessian_apply`) is a gather, ``N`` small
+    dense products and a scatter, a fraction of an autodiff one (5x at Stillinger–Weber
+    N = 999 with a tight list). Build them once and pass them to every compiled program
+    that needs products: they are plain arrays.
 
     Args:
       pair_vectors_of: ``R (N, d) -> dR (N, M, d)``.
@@ -439,7 +457,8 @@ def local_hessian_products(pair_vectors_of: Callable, positions, local_energy: C
       pairwise: ``L`` is a sum of terms of one pair vector each.
 
     Returns:
-      ``product(v (N, d)) -> (N, d)``, or ``None`` when the blocks would exceed
+      ``(gradient (N, d), blocks)`` with blocks ``(N, M, d, d)`` when ``pairwise`` else
+      ``(N, M d, M d)``; ``None`` when the blocks would exceed
       :data:`LOCAL_HESSIAN_MAX_ENTRIES` (a dense all-pairs row, a huge cutoff).
     """
     mask, sj = aux
@@ -461,19 +480,36 @@ def local_hessian_products(pair_vectors_of: Callable, positions, local_energy: C
     cols = jax.vmap(column)(jnp.arange(width))  # (width, N, M, d)
     if pairwise:
         blocks = jnp.moveaxis(cols, 0, -1)  # (N, M, d, d)
-
-        def local(w):
-            return jnp.einsum("nmab,nmb->nma", blocks, w)
     else:
         blocks = jnp.moveaxis(cols.reshape(width, n, width), 0, -1)  # (N, Md, Md)
+    return from_pairs(grad_L(d0))[0], blocks
 
-        def local(w):
-            return jnp.einsum("nab,nb->na", blocks, w.reshape(n, width)).reshape(n, m, d)
+
+def local_hessian_apply(pair_vectors_of: Callable, positions, blocks, *, pairwise: bool) -> Callable:
+    """``v ↦ ∇²E v`` from the blocks of :func:`local_hessian_blocks` (same ``positions``)."""
+    _, to_pairs = jax.linearize(pair_vectors_of, positions)
+    from_pairs = jax.linear_transpose(to_pairs, positions)
 
     def product(v):
-        return from_pairs(local(to_pairs(v)))[0]
+        w = to_pairs(v)
+        if pairwise:
+            hw = jnp.einsum("nmab,nmb->nma", blocks, w)
+        else:
+            n = w.shape[0]
+            hw = jnp.einsum("nab,nb->na", blocks, w.reshape(n, -1)).reshape(w.shape)
+        return from_pairs(hw)[0]
 
     return product
+
+
+def local_hessian_products(pair_vectors_of: Callable, positions, local_energy: Callable, aux, *,
+                           pairwise: bool) -> Optional[Callable]:
+    """``v ↦ ∇²E v`` (:func:`local_hessian_blocks` then :func:`local_hessian_apply`), or
+    ``None`` when the blocks would be too big."""
+    built = local_hessian_blocks(pair_vectors_of, positions, local_energy, aux, pairwise=pairwise)
+    if built is None:
+        return None
+    return local_hessian_apply(pair_vectors_of, positions, built[1], pairwise=pairwise)
 
 
 def safe_norm(dR, mask, fill=1.0):
