@@ -36,6 +36,7 @@ from mdsens import jacobian_error, optim  # noqa: E402  (clients of the core, li
 from mdsens.md import (  # noqa: E402
     FIRE,
     BatchRelaxResult,
+    Calculator,
     CutoffError,
     ElasticConstants,
     GradientDescent,

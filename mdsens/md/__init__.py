@@ -6,11 +6,13 @@ modules, from the bottom up (see ``docs/design.md``):
 ``errors``, ``options``, ``system``, ``io``, ``space``, ``strain``, ``neighbors``,
 ``potentials``, ``minimize`` (pure minimizers), ``driver`` (the host loop),
 ``zero_modes`` (stability), ``cell_relaxation`` and ``relaxation`` (``relax``),
-``problem`` (the checked input of every derivative), ``sensitivity``, ``elastic``.
+``problem`` (the checked input of every derivative), ``sensitivity``, ``elastic``,
+``calculator`` (an ASE calculator on any potential).
 """
 
 from mdsens.md import neighbors, potentials, strain, zero_modes
 from mdsens.md.batch import BatchRelaxResult, relax_batch
+from mdsens.md.calculator import Calculator
 from mdsens.md.driver import RelaxResult
 from mdsens.md.elastic import ElasticConstants, elastic_constants, make_elastic_constants
 from mdsens.md.errors import (
