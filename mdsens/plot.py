@@ -94,6 +94,8 @@ def sensitivity_arrows(
     colors: Optional[Sequence[str]] = None,
     arrow_color: str = "black",
     images: bool = True,
+    clip_to_cell: bool = True,
+    dcell=None,
 ):
     """A 2D structure as discs with one arrow per particle (e.g. ``dR*/dθ``).
 
@@ -121,11 +123,21 @@ def sensitivity_arrows(
       colors: one colour per species (default :data:`SPECIES_COLORS`).
       arrow_color: arrow colour.
       images: draw the periodic images of discs that cross the cell boundary (clipped to
-        the cell) so the packing looks periodic.
+        the cell, unless ``clip_to_cell=False``) so the packing looks periodic.
+      clip_to_cell: ``False`` draws every disc whole, to scale, with the whole images of
+        those that cross the boundary and an arrow on each image; the axes then extend
+        beyond the cell to show them and every arrow whole. ``True`` (default) clips discs
+        and images to the cell.
+      dcell: ``(2, 2)`` derivative of the cell rows that goes with ``displacement`` (a
+        box that follows the parameter), in ``displacement_unit``: the image of particle
+        ``i`` shifted by ``n·cell`` gets the arrow ``displacement[i] + n·dcell``. Default:
+        a fixed cell (images carry their particle's arrow). Used with ``clip_to_cell=False``.
 
     Returns:
       The ``Figure``. The discs are one ``PatchCollection`` (``N`` circles plus the
-      boundary images) and the arrows one ``Quiver`` with ``N`` arrows.
+      boundary images) and the arrows one ``Quiver`` with ``N`` arrows; with
+      ``clip_to_cell=False`` and images present, a second ``Quiver`` (lighter) carries
+      the images' arrows.
     """
     from matplotlib.collections import PatchCollection
     from matplotlib.lines import Line2D
@@ -154,8 +166,10 @@ def sensitivity_arrows(
 
     fig, ax = _new_axes(ax, (6.4, 6.0))
 
-    # discs (and their periodic images across the boundary, clipped to the cell)
+    # discs (and their periodic images across the boundary, clipped to the cell unless
+    # clip_to_cell=False); `image_of` and `image_shift` say whose image and by how many cells
     centres, disc_r, disc_c = [R], [r], [species]
+    image_of, image_shift = [np.zeros(0, int)], [np.zeros((0, 2))]
     if periodic and images:
         inv = np.linalg.inv(cell)
         for i in (-1, 0, 1):
@@ -168,7 +182,10 @@ def sensitivity_arrows(
                 pad = r[:, None] * np.linalg.norm(inv, axis=0)[None, :]
                 near = np.all((f > -pad) & (f < 1 + pad), axis=1)
                 centres.append(shifted[near]); disc_r.append(r[near]); disc_c.append(species[near])
+                image_of.append(np.flatnonzero(near))
+                image_shift.append(np.tile([float(i), float(j)], (int(near.sum()), 1)))
     centres, disc_r, disc_c = np.concatenate(centres), np.concatenate(disc_r), np.concatenate(disc_c)
+    image_of, image_shift = np.concatenate(image_of), np.concatenate(image_shift)
     patches = [Circle(tuple(c), rad) for c, rad in zip(centres, disc_r)]
     discs = PatchCollection(patches, facecolors=[colors[s % len(colors)] for s in disc_c],
                             edgecolors="0.25", linewidths=0.5, alpha=0.85, zorder=1)
@@ -178,8 +195,12 @@ def sensitivity_arrows(
         corners = np.array([[0.0, 0.0], cell[0], cell[0] + cell[1], cell[1]])
         outline = Polygon(corners, closed=True, fill=False, edgecolor="black", linewidth=1.2, zorder=3)
         ax.add_patch(outline)
-        discs.set_clip_path(Polygon(corners, closed=True, transform=ax.transData))
-        lo, hi = corners.min(0), corners.max(0)
+        if clip_to_cell:
+            discs.set_clip_path(Polygon(corners, closed=True, transform=ax.transData))
+            lo, hi = corners.min(0), corners.max(0)
+        else:  # whole discs: the view holds the cell and every disc drawn
+            lo = np.minimum(corners.min(0), (centres - disc_r[:, None]).min(0))
+            hi = np.maximum(corners.max(0), (centres + disc_r[:, None]).max(0))
     else:
         lo, hi = (R - r[:, None]).min(0), (R + r[:, None]).max(0)
 
@@ -191,9 +212,22 @@ def sensitivity_arrows(
         typical = float(np.percentile(norms, 90)) if n else 0.0
         ref = typical if typical > 0.2 * dmax else dmax
         scale = 1.2 * float(np.mean(r)) / ref if ref > 0 else 1.0
-    ax.quiver(R[:, 0], R[:, 1], D[:, 0], D[:, 1], angles="xy", scale_units="xy",
-                       scale=1.0 / scale, color=arrow_color, width=0.004, headwidth=3.5,
-                       headlength=4.0, headaxislength=3.5, pivot="tail", zorder=4)
+    arrow_style = dict(angles="xy", scale_units="xy", scale=1.0 / scale, width=0.004, headwidth=3.5,
+                       headlength=4.0, headaxislength=3.5, pivot="tail")
+    ax.quiver(R[:, 0], R[:, 1], D[:, 0], D[:, 1], color=arrow_color, zorder=4, **arrow_style)
+    if periodic and not clip_to_cell:
+        # an image n cells away moves with its particle plus n times the cell's own change
+        dc = np.zeros((2, 2)) if dcell is None else np.asarray(dcell, dtype=float)
+        if dc.shape != (2, 2):
+            raise ValueError(f"dcell must be the (2, 2) derivative of the cell rows; got shape {dc.shape}.")
+        image_D = D[image_of] + image_shift @ dc
+        image_xy = centres[n:]
+        if len(image_of):
+            ax.quiver(image_xy[:, 0], image_xy[:, 1], image_D[:, 0], image_D[:, 1], color=arrow_color,
+                      alpha=0.55, zorder=4, **arrow_style)
+        # nothing cut at the edge: the view also holds every arrow's tip
+        tips = np.concatenate([R + scale * D, image_xy + scale * image_D])
+        lo, hi = np.minimum(lo, tips.min(0)), np.maximum(hi, tips.max(0))
 
     margin = 0.03 * float(np.max(hi - lo))
     ax.set_xlim(lo[0] - margin, hi[0] + margin)

@@ -84,8 +84,9 @@ def test_elastic_si_matches_literature(tmp_path):
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     # jacobian_precision.py is tested in tests/test_jacobian_error.py, next to its module
+    # paper_md_sensitivity.py's tests live in tests/test_paper_md_sensitivity.py
     tested = {"packing_sensitivity.py", "jacobian_error.py", "fit_potential.py", "elastic_si.py",
-              "jacobian_precision.py"}
+              "jacobian_precision.py", "paper_md_sensitivity.py"}
     assert scripts == tested, f"untested examples: {scripts - tested}"
 
 
