@@ -227,6 +227,8 @@ def test_two_atoms_in_a_huge_box_use_no_cell_list():
     lambda: ms.potentials.StillingerWeber(epsilon=-1.0),
     lambda: ms.potentials.LennardJones(sigma=-1.0),
     lambda: ms.potentials.LennardJones(r_cutoff=5.0, r_onset=6.0),
+    lambda: ms.potentials.ZhouEAM("Cu", r_cutoff=4.0, r_onset=4.5),
+    lambda: ms.potentials.ZhouEAM("Cu", parameters={"Cu": {"re": -2.5}}),
 ])
 def test_constructors_refuse_unphysical_parameters(build):
     with pytest.raises(ms.ParameterError):

@@ -6,6 +6,7 @@ arrays) and returns pure energy functions ``E(positions, params, cell, neighbor=
 
 from mdsens.md.errors import CutoffError, ParameterError, PotentialError, SpeciesError
 from mdsens.md.potentials.base import Potential
+from mdsens.md.potentials.eam import EAM, ZhouEAM, read_eam
 from mdsens.md.potentials.lennard_jones import LennardJones
 from mdsens.md.potentials.morse import Morse
 from mdsens.md.potentials.soft_sphere import SoftSphere
@@ -24,4 +25,7 @@ __all__ = [
     "StillingerWeber",
     "Tersoff",
     "read_lammps_tersoff",
+    "EAM",
+    "ZhouEAM",
+    "read_eam",
 ]
