@@ -84,9 +84,11 @@ def test_elastic_si_matches_literature(tmp_path):
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     # jacobian_precision.py is tested in tests/test_jacobian_error.py, next to its module
-    # paper_md_sensitivity.py's tests live in tests/test_paper_md_sensitivity.py
+    # paper_md_sensitivity.py's tests live in tests/test_paper_md_sensitivity.py, the
+    # bilevel examples' in tests/test_examples_bilevel.py
     tested = {"packing_sensitivity.py", "jacobian_error.py", "fit_potential.py", "elastic_si.py",
-              "jacobian_precision.py", "paper_md_sensitivity.py"}
+              "jacobian_precision.py", "paper_md_sensitivity.py", "svm_hyperparameters.py",
+              "dataset_distillation.py", "sparse_coding.py"}
     assert scripts == tested, f"untested examples: {scripts - tested}"
 
 

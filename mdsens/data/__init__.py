@@ -2,7 +2,8 @@
 
 Read them with :func:`path` (``importlib.resources``), which works from a clone and from
 an installed wheel alike; ``README.md`` in this folder gives each file's provenance.
-:func:`diabetes` loads the regression data of the physics-agnostic examples.
+:func:`diabetes` loads the regression data of the physics-agnostic examples, and
+:func:`digits` the 8×8 handwritten digits of the dataset-distillation example.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from mdsens.errors import MissingFileError
 
-__all__ = ["path", "names", "diabetes", "DIABETES_COLUMNS"]
+__all__ = ["path", "names", "diabetes", "digits", "DIABETES_COLUMNS"]
 
 #: Columns of ``diabetes.csv``: the 10 baseline variables, then the response ``Y``.
 DIABETES_COLUMNS = ("AGE", "SEX", "BMI", "BP", "S1", "S2", "S3", "S4", "S5", "S6", "Y")
@@ -58,3 +59,18 @@ def diabetes():
     """
     table = np.loadtxt(path("diabetes.csv"), delimiter=",", skiprows=1, dtype=np.float64)
     return table[:, :-1], table[:, -1]
+
+
+def digits():
+    """The 8×8 handwritten digits of Alpaydin & Kaynak (UCI, 1998), as scikit-learn ships them.
+
+    The 1797 images of the UCI test set: each pixel counts the set pixels of a 4×4 block
+    of a normalized 32×32 bitmap, an integer 0..16 (row-major 8×8, 64 columns). Divide by
+    16 for intensities in [0, 1]. Provenance in ``README.md``.
+
+    Returns:
+      ``(images, labels)``: NumPy ``uint8`` arrays of shapes ``(1797, 64)`` and ``(1797,)``
+      (digits 0..9).
+    """
+    with np.load(path("digits.npz")) as archive:
+        return archive["images"], archive["labels"]
