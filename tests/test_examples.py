@@ -13,37 +13,16 @@ are independent of the code under test:
 """
 
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
+from conftest import assert_figure, number_after, run_example
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = REPO / "notebooks"
-
-
-def run_example(name, out, *args, timeout=600):
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
-    assert proc.returncode == 0, f"{name} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-def number_after(text, label):
-    m = re.search(re.escape(label) + r"\s*([-+0-9.eE]+)", text)
-    assert m, f"no {label!r} in the output:\n{text}"
-    return float(m.group(1))
-
-
-def assert_figure(path):
-    assert path.is_file(), f"{path} was not written"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_size > 10_000  # a real figure, not an empty canvas
 
 
 def test_packing_sensitivity_matches_finite_differences(tmp_path):

@@ -16,16 +16,14 @@ The proximal-gradient check is in the default suite (~15 s, compilation); the ot
 solvers and the scripts (each a fresh interpreter, ~1 min) are ``slow``.
 """
 
-import os
 import pathlib
 import re
 import runpy
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import assert_figure, number_after, run_example
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -101,24 +99,6 @@ def test_mirror_descent_step_keeps_zero_entries_differentiable(svm):
 
 
 # ----------------------------------------------------------------------------- scripts
-def run_example(name, out, *args, timeout=900):
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
-    assert proc.returncode == 0, f"{name} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-def number_after(text, label):
-    m = re.search(re.escape(label) + r"\s*([-+0-9.eE]+)", text)
-    assert m, f"no {label!r} in the output:\n{text}"
-    return float(m.group(1))
-
-
-def assert_figure(path):
-    assert path.is_file(), f"{path} was not written"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_size > 10_000
 
 
 @pytest.mark.slow  # ~1 min: a fresh interpreter compiles 6 hypergradients (3 solvers × 2 kinds)
