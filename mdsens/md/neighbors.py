@@ -47,7 +47,7 @@ CELL_LIST_MAX_BYTES = 2**30
 DENSE_BUILD_MAX_ATOMS = 5000
 #: Up to this many atoms a list is allocated on the host (numpy, all pairs): cheaper
 #: than the one-off compilations of jax-md's eager allocation, which pays off above it.
-HOST_ALLOCATION_MAX_ATOMS = 1024
+HOST_ALLOCATION_MAX_ATOMS = 512
 
 
 def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS) -> bool:
@@ -339,17 +339,23 @@ class NeighborListFn:
             cell = np.asarray(cell, np.float64)
             x = np.mod(np.linalg.solve(cell.T, x.T).T, 1.0)
             kw["box"] = box = metric_box(cell)
-        near = np.zeros((n, n), bool)
+        rows, cols = [], []
         for start in range(0, n, _ROWS_PER_CHUNK):
             d = x[start:start + _ROWS_PER_CHUNK, None, :] - x[None, :, :]
             if self.periodic:
                 d = (d - np.floor(d + 0.5)) @ box.T
-            near[start:start + _ROWS_PER_CHUNK] = np.einsum("ijd,ijd->ij", d, d) < self.list_radius ** 2
-        np.fill_diagonal(near, False)
-        occupancy = int(near.sum(axis=1).max(initial=0))
+            i, j = np.nonzero(np.einsum("ijd,ijd->ij", d, d) < self.list_radius ** 2)
+            i += start
+            rows.append(i[i != j])
+            cols.append(j[i != j])
+        rows, cols = np.concatenate(rows), np.concatenate(cols)  # row-major: sorted by row
+        counts = np.bincount(rows, minlength=n)
+        occupancy = int(counts.max(initial=0))
         capacity = min(int(occupancy * self.capacity_multiplier + extra_capacity), max(n - 1, 0))
-        order = np.argsort(~near, axis=1, kind="stable")[:, :capacity]
-        idx = np.where(np.take_along_axis(near, order, axis=1), order, n).astype(np.int32)
+        slot = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+        keep = slot < capacity
+        idx = np.full((n, capacity), n, dtype=np.int32)
+        idx[rows[keep], slot[keep]] = cols[keep]
         nbrs = partition.NeighborList(
             jnp.asarray(idx), jnp.asarray(x), partition.PartitionError(jnp.zeros((), jnp.uint8)),
             None, capacity, partition.Dense, None, None, self._fns.update)
