@@ -498,3 +498,25 @@ def test_a_solver_stopped_far_from_the_solution_is_refused_by_the_root_check():
     gd = optim.GradientDescent(ridge_objective, maxiter=2, stepsize=1e-3, acceleration=False)
     with pytest.raises(ms.RootError, match="not a root"):
         jax.jacfwd(lambda lam: gd.run(jnp.zeros(5), lam).params)(1.0)
+
+
+def test_mirror_descent_jacobian_is_finite_where_entries_reach_zero():
+    """Exponentiated gradient drives inactive entries to exactly 0; the default KL step
+    must keep the implicit Jacobian finite there. Closed form on the support {0, 1} of
+    min_{x ∈ Δ} x·c + ½|x|², c = (0, 0, 1000): x* = (½, ½, 0), dx*/dc = [[−½, ½, 0], [½, −½, 0], 0]."""
+    f = lambda x, c: jnp.vdot(x, c) + 0.5 * jnp.vdot(x, x)  # noqa: E731
+    c = jnp.array([0.0, 0.0, 1000.0])
+    solver = optim.MirrorDescent(f, stepsize=1.0, maxiter=2000, tol=1e-12)
+    x = solver.run(jnp.ones(3) / 3, None, c).params
+    assert float(x[2]) == 0.0  # underflowed: the case log 0 made NaN
+    expected = np.array([[-0.5, 0.5, 0.0], [0.5, -0.5, 0.0], [0.0, 0.0, 0.0]])
+    forward = jax.jacfwd(lambda c: solver.run(jnp.ones(3) / 3, None, c).params)(c)
+    reverse = jax.jacrev(lambda c: solver.run(jnp.ones(3) / 3, None, c).params)(c)
+    np.testing.assert_allclose(forward, expected, atol=1e-8)
+    np.testing.assert_allclose(reverse, expected, atol=1e-8)
+    T = optim.mirror_descent(f)
+    assert np.all(np.isfinite(jax.jacfwd(T)(jnp.array([0.5, 0.5, 0.0]), None, c)))
+    # the product form is the softmax form wherever that one is defined
+    y, g = jnp.array([0.2, 0.3, 0.5]), jnp.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(optim.kl_mirror_step(y, g, 0.7), optim.kl_projection_simplex(jnp.log(y) - 0.7 * g),
+                               rtol=1e-14)

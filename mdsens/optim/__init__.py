@@ -24,6 +24,7 @@ from mdsens.optim.conditions import (
     stationary,
 )
 from mdsens.optim.projections import (
+    kl_mirror_step,
     kl_projection_birkhoff,
     kl_projection_simplex,
     kl_projection_transport,
@@ -90,7 +91,7 @@ __all__ = [
     "projection_non_negative", "projection_box", "projection_hypercube", "projection_simplex",
     "projection_l1_sphere", "projection_l1_ball", "projection_l2_sphere", "projection_l2_ball",
     "projection_linf_ball", "projection_hyperplane", "projection_halfspace", "projection_affine_set",
-    "projection_box_section", "projection_second_order_cone", "kl_projection_simplex",
+    "projection_box_section", "projection_second_order_cone", "kl_projection_simplex", "kl_mirror_step",
     "kl_projection_transport", "kl_projection_birkhoff",
     # proximal operators
     "prox_none", "prox_lasso", "prox_non_negative_lasso", "prox_elastic_net", "prox_group_lasso",

@@ -168,10 +168,6 @@ def projected_gradient(fun: Callable, projection: Callable, step=1.0) -> Callabl
     return _named(T, "projected_gradient_T", "T(x, θC, *θf) = proj_C(x − η∇₁f(x, θf), θC).")
 
 
-def _kl_simplex(y, hyperparams_proj):
-    return projections.kl_projection_simplex(y, 1.0 if hyperparams_proj is None else hyperparams_proj)
-
-
 def mirror_descent(fun: Callable, projection: Optional[Callable] = None, mapping: Optional[Callable] = None,
                    step=1.0) -> Callable:
     """Fixed point of mirror descent (paper §2.3) for ``min_{x ∈ C} f(x, θ)``::
@@ -195,13 +191,18 @@ def mirror_descent(fun: Callable, projection: Optional[Callable] = None, mapping
     if (projection is None) != (mapping is None):
         raise errors.OptionError("mirror_descent: give both projection and mapping, or neither (the KL "
                                  "geometry of the simplex: projection=kl_projection_simplex, mapping=jnp.log).")
-    projection = _kl_simplex if projection is None else projection
-    mapping = (lambda x: tree_map(jnp.log, x)) if mapping is None else mapping
     validation.check_positive(step, "step")
     grad = jax.grad(fun)
 
-    def T(x, hyperparams_proj, *args, **kwargs):
-        return projection(tree_add_scalar_mul(mapping(x), -step, grad(x, *args, **kwargs)), hyperparams_proj)
+    if projection is None:
+        # the KL geometry as a product (projections.kl_mirror_step): no log 0 at zero entries
+        def T(x, hyperparams_proj, *args, **kwargs):
+            value = 1.0 if hyperparams_proj is None else hyperparams_proj
+            return tree_map(lambda xi, gi: projections.kl_mirror_step(xi, gi, step, value), x,
+                            grad(x, *args, **kwargs))
+    else:
+        def T(x, hyperparams_proj, *args, **kwargs):
+            return projection(tree_add_scalar_mul(mapping(x), -step, grad(x, *args, **kwargs)), hyperparams_proj)
 
     return _named(T, "mirror_descent_T", "T(x, θC, *θf) = proj^φ_C(∇φ(x) − η∇₁f(x, θf), θC).")
 

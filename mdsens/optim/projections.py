@@ -31,6 +31,7 @@ from mdsens.optim import validation
 from mdsens.optim.tree_util import tree_add_scalar_mul, tree_l2_norm, tree_scalar_mul, tree_vdot
 
 __all__ = [
+    "kl_mirror_step",
     "projection_non_negative",
     "projection_box",
     "projection_hypercube",
@@ -353,6 +354,24 @@ def kl_projection_simplex(x, value=1.0):
     validation.check_nonnegative(value, "value")
     x = jnp.asarray(x)
     return jnp.expand_dims(jnp.asarray(value, x.dtype), -1) * jax.nn.softmax(x, axis=-1)
+
+
+def kl_mirror_step(x, grad, stepsize, value=1.0):
+    """One entropic mirror-descent step on the simplex: ``value · x ⊙ e^{−η g} / ⟨x, e^{−η g}⟩``.
+
+    The same map as ``kl_projection_simplex(log x − η g, value)`` (last axis), written as a
+    product: an entry that reached exactly 0 (underflow, routine on sparse solutions)
+    keeps a finite Jacobian, where ``log 0`` makes the implicit derivative NaN. ``x``
+    must have a positive entry in every row.
+    """
+    x = jnp.asarray(x)
+    scaled = -stepsize * jnp.asarray(grad)
+    # the largest exponent on the support: the weights cannot all underflow
+    shift = jnp.max(jnp.where(x > 0, scaled, -jnp.inf), axis=-1, keepdims=True)
+    shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+    weights = x * jnp.exp(scaled - shift)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return jnp.expand_dims(jnp.asarray(value, x.dtype), -1) * weights / total
 
 
 class SinkhornPotentials(NamedTuple):

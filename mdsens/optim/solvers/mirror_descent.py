@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from mdsens import errors
 from mdsens.optim import validation
 from mdsens.optim.solvers import base
-from mdsens.optim.projections import kl_projection_simplex
+from mdsens.optim.projections import kl_mirror_step
 from mdsens.optim.tree_util import tree_add_scalar_mul, tree_l2_norm, tree_map, tree_sub
 
 __all__ = ["MirrorDescentState", "MirrorDescent"]
@@ -34,9 +34,9 @@ class MirrorDescentState(NamedTuple):
 
 
 def _kl_projection_grad(x, x_fun_grad, stepsize, hyperparams_proj):
+    # kl_projection_simplex(log x − η g) without the log: finite Jacobians at zero entries
     value = 1.0 if hyperparams_proj is None else hyperparams_proj
-    update = tree_add_scalar_mul(tree_map(jnp.log, x), -stepsize, x_fun_grad)
-    return kl_projection_simplex(update, value)
+    return tree_map(lambda xi, gi: kl_mirror_step(xi, gi, stepsize, value), x, x_fun_grad)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
