@@ -53,3 +53,16 @@ def save_figure(fig, out: pathlib.Path, name: str, timer: "Timer", dpi: int = 11
     print(f"wrote {path}")
     print(f"total {timer.total():.1f} s")
     return path
+
+
+def median_seconds(fun, *args, repeats=3):
+    """Median wall time of ``fun(*args)`` (compiled and warmed up beforehand by the caller)."""
+    import jax
+    import numpy as np
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fun(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))

@@ -42,7 +42,6 @@ import _common
 
 _common.headless()
 
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -102,15 +101,6 @@ def accuracy(solver, distilled, X, labels, l2reg):
     return float(jnp.mean(jnp.argmax(X @ W, axis=-1) == labels))
 
 
-def median_seconds(fun, *args, repeats=3):
-    """Median wall time of ``fun(*args)`` (already compiled by the caller)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fun(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
 
 def check_outer_gradient(distilled, train, l2reg, implicit_step, repeats):
     """Implicit dL/dΘ vs finite differences and vs unrolling; their times.
@@ -136,8 +126,8 @@ def check_outer_gradient(distilled, train, l2reg, implicit_step, repeats):
     difference = float(jnp.linalg.norm(unrolled_grad - grad) / jnp.linalg.norm(grad))
     print(f"relative difference (implicit vs unrolled, {iterations} inner iterations): {difference:.2e}")
 
-    t_implicit = median_seconds(implicit_step, distilled, *train, repeats=repeats)
-    t_unrolled = median_seconds(unrolled_step, distilled, *train, repeats=repeats)
+    t_implicit = _common.median_seconds(implicit_step, distilled, *train, repeats=repeats)
+    t_unrolled = _common.median_seconds(unrolled_step, distilled, *train, repeats=repeats)
     ratio = t_unrolled / t_implicit
     print(f"one outer gradient (reverse mode, inner solve included): implicit {1e3 * t_implicit:.1f} ms, "
           f"unrolled {1e3 * t_unrolled:.1f} ms; time ratio unrolled/implicit: {ratio:.2f}")

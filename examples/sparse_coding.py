@@ -41,7 +41,6 @@ import _common
 
 _common.headless()
 
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -153,15 +152,6 @@ def label_alignment(D, label_atoms):
     return np.linalg.norm(basis.T @ label_atoms, axis=0)
 
 
-def median_seconds(fun, *args, repeats=3):
-    """Median wall time of ``fun(*args)`` (already compiled by the caller)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fun(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
 
 def check_outer_gradient(model, train, implicit_step, make_unrolled_step, repeats):
     """Implicit dL/dD vs finite differences and vs unrolling, and their times.
@@ -187,8 +177,8 @@ def check_outer_gradient(model, train, implicit_step, make_unrolled_step, repeat
     difference = float(jnp.linalg.norm(unrolled[0] - grads[0]) / jnp.linalg.norm(grads[0]))
     print(f"relative difference of dL/dD (implicit vs unrolled, {iterations} proximal-gradient "
           f"iterations): {difference:.2e}")
-    t_implicit = median_seconds(implicit_step, model, *train, repeats=repeats)
-    t_unrolled = median_seconds(unrolled_step, model, *train, repeats=repeats)
+    t_implicit = _common.median_seconds(implicit_step, model, *train, repeats=repeats)
+    t_unrolled = _common.median_seconds(unrolled_step, model, *train, repeats=repeats)
     ratio = t_unrolled / t_implicit
     print(f"one outer gradient (reverse mode, sparse coding included): implicit {1e3 * t_implicit:.1f} ms, "
           f"unrolled {1e3 * t_unrolled:.1f} ms; time ratio unrolled/implicit: {ratio:.2f}")

@@ -155,15 +155,6 @@ def reverse_mode(solver, k):
     return jax.jit(jax.value_and_grad(outer_loss(solver, k), has_aux=True))
 
 
-def median_seconds(fun, *args, repeats=3):
-    """Median wall time of ``fun(*args)`` (compiled and warmed up beforehand by the caller)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fun(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
 
 def relative(a, b):
     return abs(a - b) / max(abs(b), 1e-300)
@@ -183,8 +174,8 @@ def compare_at_one_size(data, theta, k, repeats):
         _, unrolled = unrolled_fn(theta, *data)
         rows[name] = dict(reverse=float(reverse), unrolled=float(unrolled), iterations=iterations,
                           implicit_fn=implicit_fn,
-                          t_implicit=median_seconds(implicit_fn, theta, *data, repeats=repeats),
-                          t_unrolled=median_seconds(unrolled_fn, theta, *data, repeats=repeats))
+                          t_implicit=_common.median_seconds(implicit_fn, theta, *data, repeats=repeats),
+                          t_unrolled=_common.median_seconds(unrolled_fn, theta, *data, repeats=repeats))
     return rows
 
 
