@@ -46,7 +46,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mdsens import errors
-from mdsens.implicit import root_jvp, root_vjp
+from mdsens.implicit import linear_solve, root_jvp, root_vjp
 
 __all__ = [
     "theorem1_constant",
@@ -59,6 +59,9 @@ __all__ = [
     "BoundConstants",
     "error_estimate",
     "ErrorEstimate",
+    "newton_step",
+    "first_order_error",
+    "first_order_estimate",
     "error_curve",
     "ErrorCurve",
     "DENSE_MAX_DIM",
@@ -718,12 +721,16 @@ class ErrorEstimate(NamedTuple):
     """An a-posteriori Jacobian-error estimate at ``x̂`` (no ``x*`` needed).
 
     Attributes:
-      estimate: ``C · distance``, the estimated ``‖J(x̂) − J(x*)‖`` (x per θ).
-      distance: ``‖P F(x̂)‖ / α``, the estimated ``‖x̂ − x*‖`` (units of x).
+      estimate: the estimated ``‖J(x̂) − J(x*)‖`` (x per θ; spectral norm).
+      distance: the estimated ``‖x̂ − x*‖`` (units of x): ``‖P F(x̂)‖ / α`` for
+        ``"theorem1"``, the Newton step's length ``‖δ‖`` for ``"first_order"``.
       residual_norm: ``‖P F(x̂)‖`` (units of F).
       alpha: the ``α`` used.
-      C: the constant used.
-      constants: the :class:`BoundConstants` that ``β, γ, R`` come from.
+      C: ``estimate / distance``.
+      constants: the :class:`BoundConstants` that ``β, γ, R`` come from (``None`` for a
+        first-order estimate that did not need them).
+      method: ``"theorem1"`` or ``"first_order"``.
+      linearity: ``‖P F(x̂ − δ)‖ / ‖P F(x̂)‖`` after the Newton step (first order only).
     """
 
     estimate: float
@@ -731,19 +738,32 @@ class ErrorEstimate(NamedTuple):
     residual_norm: float
     alpha: float
     C: float
-    constants: BoundConstants
+    constants: Optional[BoundConstants]
+    method: str = "theorem1"
+    linearity: float = float("nan")
 
 
 def error_estimate(F: Callable, x_hat, theta, *, alpha: Optional[float] = None,
                    constants: Optional[BoundConstants] = None, nullspace=None, n_samples: int = 16,
-                   seed: int = 0, dense: Optional[bool] = None, symmetric: bool = False) -> ErrorEstimate:
-    """A-posteriori estimate of ``‖J(x̂) − J(x*)‖`` from the residual ``F(x̂)`` alone.
+                   seed: int = 0, dense: Optional[bool] = None, symmetric: bool = False,
+                   method: str = "theorem1") -> ErrorEstimate:
+    """A-posteriori estimate of ``‖J(x̂) − J(x*)‖`` from ``F`` at ``x̂`` alone (no ``x*``).
 
-    ``distance = ‖P F(x̂)‖ / α`` (:func:`distance_from_residual`) and
-    ``estimate = C · distance`` (Theorem 1). Assumptions, which make it an upper bound:
-    ``A`` symmetric definite with ``|λ| ≥ α`` between ``x̂`` and ``x*`` (a strict minimum
-    nearby; otherwise the distance holds to first order), and ``β, γ, R`` valid on the
-    ball of radius ``distance`` around ``x̂``, which contains ``x*``.
+    ``method="theorem1"``: ``distance = ‖P F(x̂)‖ / α`` (:func:`distance_from_residual`)
+    and ``estimate = C · distance`` (Theorem 1). Assumptions, which make it an upper
+    bound: ``A`` symmetric definite with ``|λ| ≥ α`` between ``x̂`` and ``x*`` (a strict
+    minimum nearby; otherwise the distance holds to first order), and ``β, γ, R`` valid
+    on the ball of radius ``distance`` around ``x̂``, which contains ``x*``. It can
+    overestimate by orders of magnitude (``‖F‖/α`` and the Lipschitz constants are worst
+    cases).
+
+    ``method="first_order"``: the error itself to first order in ``δ = x̂ − x*``, with
+    ``δ`` the Newton step (:func:`newton_step`) and each column's error from
+    :func:`first_order_error`; ``estimate = FIRST_ORDER_SAFETY · ‖E‖ + ‖residuals‖ / α``
+    (:func:`first_order_estimate`), ``E`` the ``(n, p)`` matrix of column errors. Within
+    a factor of a few of the truth and above it while the Newton model holds
+    (``linearity`` ≤ :data:`LINEARITY_MAX`); beyond, the larger of it and the Theorem-1
+    estimate is returned. One solve per parameter plus one: for moderate ``p``.
 
     Args:
       F, x_hat, theta, nullspace, dense, symmetric: as :func:`implicit_jacobian`.
@@ -758,8 +778,10 @@ def error_estimate(F: Callable, x_hat, theta, *, alpha: Optional[float] = None,
 
     Raises:
       NonFiniteError, SingularJacobianError, NullSpaceError: as :func:`implicit_jacobian`.
-      OptionError: ``alpha`` given but not a positive number.
+      OptionError: ``alpha`` given but not a positive number, or an unknown ``method``.
     """
+    if method not in ("theorem1", "first_order"):
+        raise errors.OptionError(f"method must be 'theorem1' or 'first_order'; got {method!r}.")
     prob = _problem(F, x_hat, theta, nullspace, x_name="x_hat")
     residual = float(np.linalg.norm(prob.project(prob.residual)))
     if alpha is not None and not (np.isfinite(alpha) and alpha > 0):
@@ -768,13 +790,51 @@ def error_estimate(F: Callable, x_hat, theta, *, alpha: Optional[float] = None,
     if alpha is None:
         alpha = constants.alpha if constants is not None else _alpha_at(prob, dense, symmetric, seed)
     distance = float(distance_from_residual(residual, alpha))
+    if method == "first_order":
+        first, newton, linearity = _first_order(prob, symmetric, float(alpha))
+        if linearity <= LINEARITY_MAX or residual == 0:
+            return ErrorEstimate(first, newton, residual, float(alpha), first / newton if newton > 0 else 0.0,
+                                 constants, method, linearity)
     if constants is None:
         # The ball of radius `distance` around x̂ contains x*: estimate the constants there.
         radius = distance if distance > 0 else float(np.sqrt(np.finfo(float).eps) * (1 + np.linalg.norm(prob.x)))
         constants = bound_constants(F, x_hat, theta, radius, nullspace=nullspace, n_samples=n_samples, seed=seed,
                                     dense=dense, symmetric=symmetric)
     C = float(theorem1_constant(alpha, constants.beta, constants.gamma, constants.R))
+    if method == "first_order":  # outside the Newton model's reach: the larger of the two
+        estimate = max(first, C * distance)
+        return ErrorEstimate(estimate, distance, residual, float(alpha), estimate / distance, constants, method,
+                             linearity)
     return ErrorEstimate(C * distance, distance, residual, float(alpha), C, constants)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _first_order_columns(F, x, theta, symmetric, null_modes):
+    """``(E (p, n), ‖P residual_j‖ (p,), δ, ‖P F(x − δ)‖)`` for :func:`_first_order`."""
+    solve = functools.partial(linear_solve.cg if symmetric else linear_solve.gmres, tol=1e-10)
+    nullspace = None if null_modes is None else (lambda x, th: null_modes)
+    options = dict(solve=solve, nullspace=nullspace, symmetric=symmetric)
+    project = (lambda v: v) if null_modes is None else (lambda v: v - null_modes.T @ (null_modes @ v))
+    delta, _ = newton_step(F, x, theta, **options)
+
+    def column(t):
+        dx = root_jvp(F, x, (theta,), (t,), on_failure="ignore", root_tol=None, nullspace_tol=None, **options)
+        e, residual, _, _ = first_order_error(F, x, theta, delta, dx, t, **options)
+        return project(e), jnp.linalg.norm(project(residual))
+
+    E, residuals = jax.vmap(column)(jnp.eye(theta.size, dtype=theta.dtype))
+    return E, residuals, delta, jnp.linalg.norm(project(F(x - delta, theta)))
+
+
+def _first_order(prob: _Problem, symmetric: bool, alpha: float):
+    """``(estimate, ‖δ‖, linearity)``: the first-order estimate of :func:`error_estimate`."""
+    modes = None if prob.N is None else jnp.asarray(prob.N.T)
+    E, residuals, delta, after = (np.asarray(v) for v in
+                                  _first_order_columns(prob.F, prob.x, prob.theta, bool(symmetric), modes))
+    before = float(np.linalg.norm(prob.project(prob.residual)))
+    linearity = float(after) / before if before > 0 else 0.0
+    estimate = float(first_order_estimate(np.linalg.norm(E.T, 2), np.linalg.norm(residuals), alpha))
+    return estimate, float(np.linalg.norm(prob.project(delta))), linearity
 
 
 def _alpha_at(prob: _Problem, dense, symmetric, seed) -> float:
@@ -788,6 +848,111 @@ def _alpha_at(prob: _Problem, dense, symmetric, seed) -> float:
     if not alpha > 0:
         _check_singular(alpha, 1.0, prob, "x_hat")
     return alpha
+
+
+# ------------------------------------------------------------------------ first-order estimate
+#: Length (units of x) of the one-sided difference along the Newton step that gives the
+#: directional derivative of ``∂F·(ẋ, θ̇)``: second derivatives only (exact third
+#: derivatives tripled the compile time of three-body potentials).
+FIRST_ORDER_STEP = 1e-4
+#: The first-order estimate is multiplied by this, so that the second-order remainder
+#: and the loose solves cannot make it fall below the error it estimates.
+FIRST_ORDER_SAFETY = 2.0
+#: ``‖P F(x̂ − δ)‖ / ‖P F(x̂)‖`` above this: the Newton model of ``F`` is too poor at
+#: ``x̂`` for a first-order estimate (``x̂`` is outside the quadratic basin of ``x*``).
+LINEARITY_MAX = 0.5
+
+
+def _solve_for(F, x, theta, rhs, **solve_options):
+    """``((∂₁F)⁺ rhs, SolveInfo)`` at ``(x, θ)`` (jittable), through the core's forward
+    solve: the tangent of ``F(x, θ) − s·rhs`` along ``s`` alone is ``−rhs``. ``θ`` is
+    closed over, not an argument, so that no derivative of ``F`` in ``θ`` is traced."""
+    if solve_options.get("operator") is None:
+        def augmented(x, s, r):
+            return jax.tree_util.tree_map(lambda f, v: f - s * v, F(x, theta), r)
+    else:
+        # ∂₁F comes from the operator and the core differentiates in (s, r) only, so
+        # F itself need not be traced (and compiled) once more
+        def augmented(x, s, r):
+            return jax.tree_util.tree_map(lambda v: -s * v, r)
+
+    nullspace = solve_options.pop("nullspace", None)
+    dtype = jax.tree_util.tree_leaves(x)[0].dtype
+    return root_jvp(augmented, x, (jnp.zeros((), dtype), rhs),
+                    (jnp.ones((), dtype), jax.tree_util.tree_map(jnp.zeros_like, rhs)),
+                    nullspace=None if nullspace is None else (lambda x, *_: nullspace(x, theta)),
+                    on_failure="ignore", root_tol=None, nullspace_tol=None, return_info=True, **solve_options)
+
+
+def newton_step(F: Callable, x_hat, theta, *, solve: Callable, nullspace=None, symmetric: bool = False,
+                operator: Optional[Callable] = None):
+    """``δ = (∂₁F)⁺ F(x̂, θ)``: the displacement ``x̂ − x*`` to first order (one solve).
+
+    Jittable. ``solve``, ``nullspace`` (a callable ``(x, θ)``), ``symmetric`` and
+    ``operator`` are the core's (:func:`~mdsens.implicit.root_jvp`); ``F(x̂, θ)`` is
+    projected off the null space as every right-hand side is.
+
+    Returns:
+      ``(δ, SolveInfo)``, ``δ`` shaped like ``x_hat`` (units of x).
+    """
+    return _solve_for(F, x_hat, theta, F(x_hat, theta), solve=solve, nullspace=nullspace, symmetric=symmetric,
+                      operator=operator)
+
+
+def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent, *, solve: Callable,
+                      nullspace=None, symmetric: bool = False, operator: Optional[Callable] = None,
+                      step: float = FIRST_ORDER_STEP):
+    """The error of one implicit-Jacobian column at ``x̂``, to first order in ``δ = x̂ − x*``.
+
+    With ``ẋ = J(x̂) θ̇`` (``x_tangent``, a solution of ``∂F(x̂)·(ẋ, θ̇) = 0``),
+    differentiating ``∂F(x)·(ẋ(x), θ̇) = 0`` along ``δ`` gives
+
+        ``J(x̂) θ̇ − J(x*) θ̇ ≈ e = −(∂₁F)⁺ (∂ₓ[B θ̇][δ] − ∂ₓ[A ẋ][δ])``,
+
+    the derivative of ``J`` along ``δ``: Theorem 1's two terms, with the directional
+    derivatives of ``A`` and ``B`` along the actual error in place of Lipschitz constants
+    over a ball. They are one-sided differences over :data:`FIRST_ORDER_STEP` (``step``)
+    along ``δ/‖δ‖``, four tangents of one vmapped ``jax.jvp`` of ``F``. Jittable.
+
+    Returns:
+      ``(e, residual, (β, γ_J), SolveInfo)``: ``e`` shaped like ``x_hat`` (x per unit
+      ``θ̇``); ``residual = ∂F(x̂)·(ẋ, θ̇)`` (units of F), the inexactness of
+      ``x_tangent`` itself, which adds ``‖(∂₁F)⁺ residual‖ ≤ ‖P residual‖ / α`` to the
+      error; ``β = ‖∂ₓ[B θ̇][δ̂]‖`` and ``γ_J = ‖∂ₓ[A ẋ][δ̂]‖``, the theorem's constants
+      along the unit direction ``δ̂`` (for :func:`theorem1_constant_local`).
+    """
+    d_flat, unravel = ravel_pytree(delta)
+    length = jnp.linalg.norm(d_flat)
+    unit = unravel(d_flat / jnp.where(length > 0, length, 1.0))
+    zero_x = jax.tree_util.tree_map(jnp.zeros_like, x_tangent)
+    zero_t = jax.tree_util.tree_map(jnp.zeros_like, theta_tangent)
+    stack = lambda *trees: jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)  # noqa: E731
+    shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
+    # B θ̇ and A ẋ at x̂ and at x̂ + h δ̂: one copy of the jvp program, vmapped
+    products = jax.vmap(lambda x, tx, tt: jax.jvp(F, (x, theta), (tx, tt))[1])(
+        stack(x_hat, shifted, x_hat, shifted), stack(zero_x, zero_x, x_tangent, x_tangent),
+        stack(theta_tangent, theta_tangent, zero_t, zero_t))
+    b0, b1, a0, a1 = (jax.tree_util.tree_map(lambda v, i=i: v[i], products) for i in range(4))
+    norm = lambda tree: jnp.linalg.norm(ravel_pytree(tree)[0])  # noqa: E731
+    d_b = jax.tree_util.tree_map(lambda p, q: (q - p) / step, b0, b1)
+    d_a = jax.tree_util.tree_map(lambda p, q: (q - p) / step, a0, a1)
+    rhs = jax.tree_util.tree_map(lambda u, v: (u + v) * length, d_b, d_a)
+    y, info = _solve_for(F, x_hat, theta, rhs, solve=solve, nullspace=nullspace, symmetric=symmetric,
+                         operator=operator)
+    residual = jax.tree_util.tree_map(jnp.add, b0, a0)
+    return jax.tree_util.tree_map(jnp.negative, y), residual, (norm(d_b), norm(d_a)), info
+
+
+def first_order_estimate(error_norm, residual_norm, alpha):
+    """``FIRST_ORDER_SAFETY · ‖e‖ + ‖P residual‖ / α``: the reported Jacobian-error estimate.
+
+    ``error_norm``: ``‖e‖`` from :func:`first_order_error`; ``residual_norm``: the norm of
+    its projected ``residual``; ``α``: the smallest singular value of ``∂₁F`` off the null
+    space. NaN where ``α`` is not a positive number. Broadcasts; jittable.
+    """
+    ok, safe = _positive(alpha)
+    return _xp(error_norm, residual_norm, alpha).where(
+        ok, FIRST_ORDER_SAFETY * error_norm + residual_norm / safe, np.nan)
 
 
 # ------------------------------------------------------------------------ error curve

@@ -226,6 +226,45 @@ def test_logistic_bound_holds_at_every_iterate():
     assert np.all(curve.unrolled_error[window] > curve.implicit_error[window])
 
 
+def test_first_order_estimate_on_ridge_is_twice_the_exact_error():
+    # J(w) = −H⁻¹ w is linear in w, so the first-order error is exact and the estimate
+    # is FIRST_ORDER_SAFETY times the truth (plus the solves' rounding)
+    F, step, H, w_star, J_star = ridge()
+    for k in (10, 100, 300):
+        w_k = np.asarray(jax.lax.fori_loop(0, k, lambda _, w: step(w, LAM), jnp.zeros(10)))
+        truth = np.linalg.norm(-np.linalg.solve(H, w_k)[:, None] - J_star, 2)
+        est = je.error_estimate(F, w_k, LAM, method="first_order", symmetric=True)
+        assert est.method == "first_order" and est.linearity < 1e-6
+        assert est.estimate == pytest.approx(je.FIRST_ORDER_SAFETY * truth, rel=1e-5)
+        assert est.distance == pytest.approx(np.linalg.norm(w_k - w_star), rel=1e-6)  # the Newton step
+
+
+def test_first_order_estimate_bounds_logistic_errors_within_a_factor_10():
+    X, lam, F, hessian, curve = logistic()
+    rng = np.random.default_rng(5)
+    for scale in (1e-1, 1e-2, 1e-4):
+        w_hat = curve.x_star + scale * rng.normal(size=10)
+        truth = np.linalg.norm(-np.linalg.solve(hessian(w_hat), w_hat) - curve.jac_star[:, 0])
+        est = je.error_estimate(F, w_hat, lam, method="first_order", symmetric=True)
+        assert est.linearity <= je.LINEARITY_MAX
+        assert truth <= est.estimate <= 10 * truth, (scale, truth, est.estimate)
+        # the Theorem-1 form bounds it too, but loosely (γ and ‖F‖/α are worst cases)
+        assert je.error_estimate(F, w_hat, lam).estimate > est.estimate
+
+
+def test_first_order_falls_back_to_theorem_1_outside_the_newton_basin():
+    # F = arctan(x) − θ at x̂ = 2, θ = 0: the Newton step overshoots to x ≈ −3.5, where
+    # |F| is larger than at x̂ (linearity ≈ 1.2)
+    F = lambda x, th: jnp.arctan(x) - th  # noqa: E731
+    x_hat, theta = jnp.array([2.0]), jnp.array(0.0)
+    est = je.error_estimate(F, x_hat, theta, method="first_order", symmetric=True)
+    theorem1 = je.error_estimate(F, x_hat, theta)
+    assert est.linearity > je.LINEARITY_MAX and est.constants is not None
+    assert est.estimate >= theorem1.estimate
+    with pytest.raises(errors.OptionError, match="method"):
+        je.error_estimate(F, x_hat, theta, method="newton")
+
+
 def test_logistic_implicit_jacobian_at_iterates_matches_numpy():
     X, lam, F, hessian, curve = logistic()
     rng = np.random.default_rng(3)

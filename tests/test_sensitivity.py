@@ -10,6 +10,7 @@ Truths used (never the code under test compared with itself):
 import json
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -259,31 +260,102 @@ def test_observable_gradient_includes_explicit_dependence(lj13):
 
 
 # ----------------------------------------------------------------------------- convergence
-def test_unconverged_input_error_estimate_grows_and_strict_refuses(lj13):
+def test_unconverged_input_error_estimate_bounds_the_error_within_a_factor_10(lj13):
     pot, ref = lj13
     start = ms.System(np.asarray(ref.system.positions) + 0.05 * np.random.default_rng(4).normal(size=(13, 3)))
-    fn = make_sensitivity(pot, start, wrt=["sigma"])
-    exact = (np.asarray(ref.system.positions) - np.asarray(ref.system.positions).mean(0)) / float(pot.params["sigma"])
-    estimates, errors = [], []
-    for fmax in (1e-2, 1e-4, 1e-6, 1e-9):
+    fn = make_sensitivity(pot, start)
+    # exact at the minimum this start relaxes to (scaling law, σ-tied cutoffs):
+    # dR*/dσ = (R* − R̄*)/σ, dR*/dε = 0
+    R_star = np.asarray(relax(start, pot, fmax=1e-12, max_steps=100_000).system.positions)
+    exact = {"sigma": (R_star - R_star.mean(0)) / float(pot.params["sigma"]), "epsilon": np.zeros_like(R_star)}
+    estimates = []
+    for fmax in (1e-3, 1e-5, 1e-7, 1e-9):
         r = relax(start, pot, fmax=fmax, max_steps=100_000)
         s = fn(r)
-        estimates.append(float(s.error_estimate[0]))
-        # compare after aligning: same gauge up to the rigid motion of the whole cluster
-        R = np.asarray(r.system.positions)
-        exact_here = (R - R.mean(0)) / float(pot.params["sigma"])
-        errors.append(float(np.linalg.norm(s.dpositions[0] - exact_here)))
+        assert s.linearity <= ms.jacobian_error.LINEARITY_MAX
+        # the Newton step is the distance to the minimum (rigid modes aside)
+        assert np.linalg.norm(np.asarray(r.system.positions) - R_star) == pytest.approx(s.newton_distance, rel=0.1)
+        for name, truth_column in exact.items():
+            j = s.names.index(name)
+            truth = float(np.linalg.norm(s.dpositions[j] - truth_column))
+            assert truth <= s.error_estimate[j] <= 10 * truth + 1e-9, (fmax, name, truth, s.error_estimate[j])
+        estimates.append(float(s.error_estimate[s.names.index("sigma")]))
     assert all(a > b for a, b in zip(estimates, estimates[1:])), estimates
-    # the estimate tracks the true error (within an order of magnitude, or bounds it)
-    for est, err in zip(estimates, errors):
-        assert err < 10 * est + 1e-9, (estimates, errors)
-    # ... and is not vacuous: a mix-up of the Lipschitz differences once made it 1e6x the error
-    ratios = [est / err for est, err in zip(estimates, errors) if err > 1e-8]
-    assert ratios and max(ratios) < 1e3, (estimates, errors)
-    del exact
     loose = relax(start, pot, fmax=1e-2, max_steps=100_000)
     with pytest.raises(NotConvergedError, match="strict=True"):
         sensitivity(loose, pot, strict=True)
+
+
+def _rattled_start(which):
+    """(pot, start): relaxations from here stop at fmax 1e-3 inside the minimum's basin
+    (the packing: except at 1e-3, where the Newton model fails; see below)."""
+    rng = np.random.default_rng(2)
+    if which == "lj_cluster":
+        from ase.cluster import Icosahedron
+
+        pot = LennardJones(sigma=1.3, epsilon=0.7)
+        R0 = Icosahedron("Ar", 2).positions / 3.4 * 1.3
+        return pot, ms.System(R0 + 0.05 * np.random.default_rng(0).normal(size=R0.shape))
+    if which == "sw_vacancy":
+        from ase.build import bulk
+
+        atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat((2, 2, 2))
+        del atoms[0]
+        atoms.positions += 0.05 * rng.normal(size=atoms.positions.shape)
+        return StillingerWeber(), ms.System.from_ase(atoms)
+    N, phi = 48, 0.90  # the soft_packing fixture's system, from its random start
+    species = np.array([0] * (N // 2) + [1] * (N // 2))
+    L = np.sqrt(np.sum(np.pi * (np.array([1.0, 1.4])[species] / 2) ** 2) / phi)
+    return SoftSphere(sigma={"A": 1.0, "B": 1.4}), ms.System(
+        rng.uniform(0, L, (N, 2)), cell=np.eye(2) * L, species=species, symbols=("A", "B"), pbc=True)
+
+
+def _exact_minimum_jacobian(pot, start):
+    """(R*, J* (n d, P), rigid basis): a tight relaxation polished by dense Newton steps,
+    and −pinv(H) ∂F/∂θ there from jax.hessian (the dense reference)."""
+    E = pot.energy_fn(start, neighbor_list=False)
+    theta, unravel = jax.flatten_util.ravel_pytree(pot.params)
+    R = jnp.asarray(relax(start, pot, fmax=1e-12, max_steps=200_000).system.positions)
+    n, d = R.shape
+    basis = np.asarray(rigid_modes(R, start.pbc)).reshape(-1, n * d)
+    P = np.eye(n * d) - basis.T @ basis
+    grad = jax.jit(jax.grad(lambda x, th: E(x, unravel(th), start.cell)))
+    hess = jax.jit(jax.hessian(lambda x: E(x, pot.params, start.cell)))
+
+    def pinv(x):
+        return np.linalg.pinv(P @ np.asarray(hess(x)).reshape(n * d, n * d) @ P, rcond=1e-10, hermitian=True)
+
+    for _ in range(2):
+        R = R - jnp.asarray((pinv(R) @ np.asarray(grad(R, theta)).ravel()).reshape(n, d))
+    assert np.abs(np.asarray(grad(R, theta))).max() < 1e-12
+    B = np.asarray(jax.jacfwd(grad, argnums=1)(R, theta)).reshape(n * d, -1)
+    return np.asarray(R), -pinv(R) @ B, basis
+
+
+@pytest.mark.slow  # ~3 min on a shared 2-core CPU (dense three-body Hessians)
+@pytest.mark.filterwarnings("ignore::mdsens.NotConvergedWarning")  # loose relaxations on purpose
+@pytest.mark.parametrize("which", ["lj_cluster", "sw_vacancy", "packing"])
+def test_error_estimate_bounds_the_true_error_from_fmax_1e3_to_1e10(which):
+    """Issue 13's acceptance: against a dense pseudo-inverse at the exact minimum, the
+    reported estimate is above the true Jacobian error and within a factor 10 of it."""
+    pot, start = _rattled_start(which)
+    R_star, J_star, basis = _exact_minimum_jacobian(pot, start)
+    fn = make_sensitivity(pot, start, on_failure="warn")
+    fallbacks = []
+    for fmax in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10):
+        r = relax(start, pot, fmax=fmax, max_steps=200_000)
+        s = fn(r)
+        truth = np.linalg.norm(s.dpositions.reshape(len(s.names), -1) - J_star.T, axis=1)
+        resolved = truth > 1e-13  # ε of SW and LJ moves nothing: its error is rounding
+        est = s.error_estimate
+        assert np.all(est[resolved] >= truth[resolved]), (fmax, est, truth)
+        if s.linearity <= ms.jacobian_error.LINEARITY_MAX:
+            assert np.all(est[resolved] <= 10 * truth[resolved]), (fmax, est / truth)
+        else:
+            fallbacks.append(fmax)
+    # only the packing at fmax 1e-3 is outside the Newton basin of its minimum (the
+    # contact network still changes): there the conservative Theorem-1 form is reported
+    assert fallbacks == ([1e-3] if which == "packing" else []), fallbacks
 
 
 def test_saddle_point_is_refused():

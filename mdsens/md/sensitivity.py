@@ -30,20 +30,26 @@ parameter (the convention of ``jax.jacfwd``). mdsens' pair potentials symmetrize
 ``p_ab = p_ba`` together is the sum of the ``[a,b]`` and ``[b,a]`` columns (each is half
 of it when ``a ≠ b``).
 
-**Error estimate (Theorem 1 of Blondel et al. 2022).** At an approximate minimum ``R``
-the Jacobian computed there differs from the exact one at ``R*`` by at most
-``C ‖R − R*‖``, with ``C = β/α + γ ‖B‖/α²`` (α: smallest curvature, β, γ: Lipschitz
-constants of ``B = ∂F/∂θ`` and ``A = ∂F/∂R`` in ``R``). mdsens reports for every
-parameter the local estimate
+**Error estimate (Theorem 1 of Blondel et al. 2022, to first order).** At an
+approximate minimum ``R = R* + δ`` the Jacobian computed there differs from the exact
+one by the derivative of ``J`` along ``δ``. mdsens takes ``δ`` as the Newton step
+``H⁺ P∇E`` and reports, per parameter,
 
-    C_j = (‖∂_R b_j [û]‖ + ‖∂³E[û, dR_j]‖) / λ_min,     ‖R − R*‖ ≲ ‖P ∇E‖ / λ_min,
+    error_estimate_j = 2 ‖H⁺ ∂_R[H dR_j + b_j][δ]‖ + ‖P (H dR_j + b_j)‖ / λ_min
 
-with ``û`` the unit direction of the projected force residual ``P ∇E`` and ``λ_min``
-the smallest non-zero Hessian eigenvalue (it equals the theorem's constant with the
-Lipschitz constants replaced by directional derivatives along ``û`` and ``‖B‖/α`` by
-``‖dR_j‖``), and ``error_estimate_j = C_j · ‖P ∇E‖ / λ_min`` (same units as ``dR/dθ``,
-absolute, Euclidean norm over all atoms). It grows linearly with the force residual:
-relax tighter to shrink it.
+(:func:`mdsens.jacobian_error.first_order_error` and ``first_order_estimate``; the
+second term is the inexactness of the linear solve itself). It is the actual first-order
+error, doubled: within a factor of a few of the true error, and above it, wherever the
+Newton model holds. ``linearity = ‖P∇E(R − δ)‖ / ‖P∇E(R)‖`` says whether it does; above
+:data:`mdsens.jacobian_error.LINEARITY_MAX` (``R`` outside the quadratic basin of
+``R*``) the report falls back to the larger of that and the Theorem-1 form
+``C_j ‖P∇E‖ / λ_min`` with the local constant
+
+    C_j = (‖∂_R b_j [δ̂]‖ + ‖∂³E[δ̂, dR_j]‖) / λ_min
+
+(``δ̂`` the unit direction of ``δ``), which is conservative. Both grow linearly with
+the force residual: relax tighter to shrink them. Units: those of ``dR/dθ``, Euclidean
+norm over all atoms. NaN without ``λ_min`` (``stability=False``).
 
 Units: ``positions`` derivatives in length / (parameter unit); ``energy`` in energy /
 (parameter unit); for strain, per unit (dimensionless) strain.
@@ -66,6 +72,7 @@ from jax.flatten_util import ravel_pytree
 
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp, root_vjp
+from mdsens import jacobian_error
 from mdsens.jacobian_error import distance_from_residual, theorem1_constant_local
 from mdsens.md import cache
 from mdsens.md.errors import StructureError, UnknownParameterError
@@ -89,8 +96,9 @@ DEFAULT_TOL = 1e-10
 
 
 # ------------------------------------------------------------------------ parameters
-def _param_labels(params: dict) -> tuple:
-    """Labels in ``ravel_pytree`` order (dict keys sorted): ``sigma``, ``sigma[0,1]``..."""
+def parameter_labels(params: dict) -> tuple:
+    """Labels of the flat parameters in ``ravel_pytree`` order (dict keys sorted):
+    ``sigma``, ``sigma[0,1]``..."""
     labels = []
     for key in sorted(params):
         shape = np.shape(params[key])
@@ -182,10 +190,14 @@ class Sensitivity:
       solve_residual: relative residual of each implicit linear solve, ``(P,)``.
       solve_iterations: iterations of each solve, ``(P,)``.
       error_constant: Theorem-1 constant estimate ``C_j`` (see module doc), ``(P,)``.
-      error_estimate: ``C_j · distance_bound`` (length / parameter unit), ``(P,)``.
+      error_estimate: estimated ``‖dR_j(R) − dR_j(R*)‖``, first order (see module doc),
+        ``(P,)`` (length / parameter unit).
       fmax: largest per-atom force at the input positions (force units).
       residual_norm: ``‖P ∇E‖``, the projected force residual (force units).
       distance_bound: ``‖P ∇E‖ / λ_min`` ≳ ``‖R − R*‖`` (length).
+      newton_distance: ``‖H⁺ P ∇E‖ ≈ ‖R − R*‖`` (length), the Newton step's length.
+      linearity: ``‖P ∇E(R − δ)‖ / ‖P ∇E(R)‖`` after the Newton step ``δ``: small where
+        the first-order error estimate holds (see module doc).
       lambda_min, lambda_max: Hessian eigenvalue range beyond the zero modes
         (energy/length²); NaN if the stability check was skipped.
       n_zero_modes: rigid + soft modes in the null space; n_soft_modes: the soft ones.
@@ -208,6 +220,8 @@ class Sensitivity:
     fmax: float
     residual_norm: float
     distance_bound: float
+    newton_distance: float
+    linearity: float
     lambda_min: float
     lambda_max: float
     n_zero_modes: int
@@ -269,7 +283,7 @@ class Sensitivity:
             f"sensitivity w.r.t. {self.wrt}: fmax = {self.fmax:.3e}, ‖P∇E‖ = {self.residual_norm:.3e}, "
             f"λ_min = {self.lambda_min:.4g}, λ_max = {self.lambda_max:.4g}, "
             f"zero modes = {self.n_zero_modes} ({self.n_soft_modes} soft), "
-            f"‖R−R*‖ ≲ {self.distance_bound:.3e}"
+            f"‖R−R*‖ ≈ {self.newton_distance:.3e} (Newton step; linearity {self.linearity:.2g})"
         )
         cols = ["parameter", "value", "dE/dtheta", "partial_E/dtheta", "max_atom_|dR/dtheta|",
                 "norm_dR/dtheta", "solve_residual", "error_estimate"]
@@ -302,6 +316,8 @@ class Sensitivity:
             "fmax": self.fmax,
             "residual_norm": self.residual_norm,
             "distance_bound": self.distance_bound,
+            "newton_distance": self.newton_distance,
+            "linearity": self.linearity,
             "lambda_min": self.lambda_min,
             "lambda_max": self.lambda_max,
             "n_zero_modes": self.n_zero_modes,
@@ -322,8 +338,9 @@ class Sensitivity:
 
 
 # ------------------------------------------------------------------------ machinery
-def _flat(params) -> np.ndarray:
-    """``ravel_pytree(params)[0]`` on the host (eager jax operations would each compile)."""
+def flat_params(params) -> np.ndarray:
+    """``ravel_pytree(params)[0]`` on the host, float64 ``(P,)`` (eager jax operations
+    would each compile)."""
     return np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(params)]
                           or [np.zeros(0)])
 
@@ -389,47 +406,42 @@ def _hessian_of_theta(prob, wrt):
     return hessian
 
 
-#: Length step (Å, or the structure's length unit) of the one-sided differences that
-#: estimate the Theorem-1 Lipschitz constants along the residual's direction.
-LIPSCHITZ_STEP = 1e-4
+#: Relative tolerance of the solves behind the error estimate: a factor-of-two
+#: estimate needs a few digits, and CG's iterates grow in norm, so a truncated solve
+#: errs low by at most ``tol · κ`` relative (absorbed by the estimate's factor 2).
+ESTIMATE_TOL = 1e-4
 
 
 def _columns(F, R, theta, tangents, basis, solve, hessian=None):
-    """vmapped forward implicit derivatives and Theorem-1 diagnostics (jit-able).
+    """vmapped forward implicit derivatives and their error diagnostics (jit-able).
 
     F(R, theta) -> (N, d); tangents: (P, *theta.shape); hessian: ``v ↦ ∂₁F v`` at
-    ``(R, theta)`` for the solve (:func:`~mdsens.md.hessian.hessian_products`). Returns (dR (P,N,d), info,
-    ‖b‖ (P,), β (P,), γ (P,), g (N,d)). β = ‖∂ₓb · û‖ and γ = ‖∂ₓ(A J) · û‖ along the
-    unit residual direction û are one-sided differences over :data:`LIPSCHITZ_STEP`:
-    they need only the second derivatives the solve already uses (exact third
-    derivatives tripled the compile time of a three-body potential).
+    ``(R, theta)`` for the solves (:func:`~mdsens.md.hessian.hessian_products`).
+    Returns (dR (P,N,d), info, β (P,), γ (P,), g (N,d), ‖Pg‖, ‖e‖ (P,),
+    ‖P residual‖ (P,), ‖δ‖, linearity): the Newton step ``δ`` and, per column, the
+    first-order error ``e``, the solve's residual and the directional constants β, γ
+    along ``δ`` (:func:`mdsens.jacobian_error.first_order_error`).
     """
     basis = jnp.asarray(basis)
     nullspace = lambda x, th: basis  # noqa: E731  constant modes, (k, N, d)
     Q = basis.reshape(basis.shape[0], -1)
+    project = lambda v: (v.ravel() - Q.T @ (Q @ v.ravel())).reshape(v.shape)  # noqa: E731
     g = F(R, theta)
-    g_proj = (g.ravel() - Q.T @ (Q @ g.ravel())).reshape(g.shape)
-    g_norm = jnp.linalg.norm(g_proj)
-    u_hat = g_proj / jnp.where(g_norm > 0, g_norm, 1.0)
+    g_norm = jnp.linalg.norm(project(g))
+    loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
+                 symmetric=True, operator=hessian)
+    delta, _ = jacobian_error.newton_step(F, R, theta, **loose)
+    after_newton = jnp.linalg.norm(project(F(R - delta, theta)))
+    linearity = jnp.where(g_norm > 0, after_newton / jnp.where(g_norm > 0, g_norm, 1.0), 0.0)
 
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
-        # b = ∂_θF t and A·J = ∂ₓF dR at R and at R + h û: four tangents of one jvp of F
-        # (one copy of its code in the compiled program, not a mixed and a Hessian product)
-        h = LIPSCHITZ_STEP
-        zero_x, zero_t = jnp.zeros_like(R), jnp.zeros_like(t)
-        points = jnp.stack([R, R + h * u_hat, R, R + h * u_hat])
-        x_tangents = jnp.stack([zero_x, zero_x, dR, dR])
-        th_tangents = jnp.stack([t, t, zero_t, zero_t])
-        b, b_h, AJ, AJ_h = jax.vmap(lambda x, tx, tt: jax.jvp(F, (x, theta), (tx, tt))[1])(
-            points, x_tangents, th_tangents)
-        return dR, info, jnp.linalg.norm(b), jnp.linalg.norm(b_h - b) / h, jnp.linalg.norm(AJ_h - AJ) / h
+        e, residual, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
+        return dR, info, beta, gamma, jnp.linalg.norm(e), jnp.linalg.norm(project(residual))
 
-    dR, info, b_norm, beta, gamma = jax.vmap(one)(tangents)
-    return dR, info, b_norm, beta, gamma, g, g_norm
-
-
+    dR, info, beta, gamma, e_norm, residual_norm = jax.vmap(one)(tangents)
+    return dR, info, beta, gamma, g, g_norm, e_norm, residual_norm, jnp.linalg.norm(delta), linearity
 
 
 def _report_solve(converged, relative, names, policy):
@@ -516,11 +528,11 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             nv = len(voigt_names(system.dim))
             return (jnp.zeros((nv,), jnp.float64), jnp.eye(nv, dtype=jnp.float64),
                     tuple(f"strain_{n}" for n in voigt_names(system.dim)), np.zeros(nv), np.arange(nv), {})
-        theta = _flat(params)
+        theta = flat_params(params)
         if isinstance(wrt, dict):
             names, tangents = _directions(wrt, params)
             return jnp.asarray(theta), tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
-        labels = _param_labels(params)
+        labels = parameter_labels(params)
         idx = _select(labels, wrt)
         return (jnp.asarray(theta), jnp.asarray(np.eye(theta.size)[idx]), tuple(labels[i] for i in idx),
                 theta[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
@@ -533,7 +545,7 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, "a sensitivity")
         R = system.positions
 
-        (dR, info, b_norm, beta, gamma, g, g_norm), partial = run(
+        (dR, info, beta, gamma, g, g_norm, e_norm, residual_norm, newton, linearity), partial = run(
             R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
         dR = np.asarray(dR)
         rel = np.asarray(info.relative_residual)
@@ -546,6 +558,11 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         # Theorem 1 from the one implementation in mdsens.jacobian_error (NaN without λ_min > 0)
         C = np.asarray(theorem1_constant_local(lam_min, np.asarray(beta), np.asarray(gamma)))
         dist = float(distance_from_residual(g_norm, lam_min))
+        linearity = float(linearity)
+        estimate = np.asarray(jacobian_error.first_order_estimate(np.asarray(e_norm), np.asarray(residual_norm),
+                                                                   lam_min))
+        if not linearity <= jacobian_error.LINEARITY_MAX:
+            estimate = np.fmax(estimate, C * dist)
 
         internal = None
         if self.wrt == "cell":
@@ -564,10 +581,12 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             solve_residual=rel,
             solve_iterations=np.asarray(info.iterations),
             error_constant=np.asarray(C),
-            error_estimate=np.asarray(C * dist),
+            error_estimate=estimate,
             fmax=fmax_now,
             residual_norm=g_norm,
             distance_bound=dist,
+            newton_distance=float(newton),
+            linearity=linearity,
             lambda_min=float(lam_min),
             lambda_max=float(lam_max),
             n_zero_modes=int(np.asarray(basis).shape[0]),
@@ -683,7 +702,7 @@ class make_observable_gradient(_Derivative):  # noqa: N801
         if self.wrt == "cell":
             theta, unravel = jnp.zeros((len(voigt_names(prob.system.dim)),), jnp.float64), None
         else:
-            theta, unravel = jnp.asarray(_flat(prob.params)), _unraveler(prob.params)
+            theta, unravel = jnp.asarray(flat_params(prob.params)), _unraveler(prob.params)
         grad_total, O = self._functions(prob)
         _, (basis, *_) = self._checked(prob, "an observable gradient")
         s = prob.system
