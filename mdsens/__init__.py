@@ -55,6 +55,7 @@ from mdsens.md import (  # noqa: E402
     RelaxResult,
     ResultMismatchError,
     SaddlePointError,
+    GradientInfo,
     Sensitivity,
     SpeciesError,
     StabilityOptions,

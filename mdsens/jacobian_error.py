@@ -62,6 +62,8 @@ __all__ = [
     "newton_step",
     "first_order_error",
     "first_order_estimate",
+    "adjoint",
+    "first_order_gradient_error",
     "error_curve",
     "ErrorCurve",
     "DENSE_MAX_DIM",
@@ -941,6 +943,67 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
                          operator=operator)
     residual = jax.tree_util.tree_map(jnp.add, b0, a0)
     return jax.tree_util.tree_map(jnp.negative, y), residual, (norm(d_b), norm(d_a)), info
+
+
+def adjoint(F: Callable, x_hat, theta, cotangent, *, solve: Callable, nullspace=None, symmetric: bool = False,
+            operator: Optional[Callable] = None):
+    """``w = (∂₁F)⁻ᵀ u`` at ``(x̂, θ)`` (``u = cotangent``, shaped like ``x``): the adjoint
+    of a reverse-mode gradient, through the core's transposed solve (jittable).
+
+    The gradient of ``O(x*(θ), θ)`` is then ``∂θO − (∂θF)ᵀ w`` (paper eq. 4). Options as
+    :func:`newton_step`. Returns ``w`` shaped like ``x_hat``.
+    """
+    if operator is None:
+        def augmented(x, r):
+            return jax.tree_util.tree_map(jnp.subtract, F(x, theta), r)
+    else:  # as in _solve_for: ∂₁F from the operator, F never traced
+        def augmented(x, r):
+            return jax.tree_util.tree_map(jnp.negative, r)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, x_hat)
+    (w,) = root_vjp(augmented, x_hat, (zero,), cotangent, solve=solve,
+                    nullspace=None if nullspace is None else (lambda x, *_: nullspace(x, theta)),
+                    symmetric=symmetric, on_failure="ignore", root_tol=None, nullspace_tol=None, operator=operator)
+    return w
+
+
+def first_order_gradient_error(F: Callable, O: Callable, x_hat, theta, delta, w, *, solve: Callable,
+                               nullspace=None, symmetric: bool = False, operator: Optional[Callable] = None,
+                               step: float = FIRST_ORDER_STEP):
+    """The error of a reverse-mode gradient ``dO(x*(θ), θ)/dθ`` taken at ``x̂``, to first
+    order in ``δ = x̂ − x*`` (the adjoint form of :func:`first_order_error`).
+
+    With the adjoint ``w`` (:func:`adjoint` of ``∂ₓO``) and ``L(x, θ) = O(x, θ) −
+    ⟨w, F(x, θ)⟩`` (``w`` held fixed), the gradient at ``x̂`` is ``∂θL`` and
+    ``ρ = ∂ₓL(x̂)`` is the adjoint solve's residual. Moving to ``x*`` changes ``∂θL`` by
+    ``−∂ₓ(∂θL)[δ]`` and the adjoint by ``(∂₁F)⁻ᵀ(ρ − ∂ₓ(∂ₓL)[δ])``, so
+
+        ``∇(x̂) − ∇(x*) ≈ e = ∂ₓ(∂θL)[δ] + (∂θF)ᵀ (∂₁F)⁻ᵀ (ρ − ∂ₓ(∂ₓL)[δ])``.
+
+    The directional derivatives are a one-sided difference of ``∇L`` over ``step`` along
+    ``δ/‖δ‖``; the last term is one transposed solve. Jittable.
+
+    Returns:
+      ``e`` shaped like ``theta`` (units of O per unit θ); it includes the adjoint's own
+      inexactness (the ``ρ`` term).
+    """
+    def gradients(x):
+        return jax.grad(lambda y, th: O(y, th) - jnp.vdot(ravel_pytree(w)[0], ravel_pytree(F(y, th))[0]),
+                        argnums=(0, 1))(x, theta)
+
+    d_flat, unravel = ravel_pytree(delta)
+    length = jnp.linalg.norm(d_flat)
+    unit = unravel(d_flat / jnp.where(length > 0, length, 1.0))
+    points = jax.tree_util.tree_map(lambda a, u: jnp.stack([a, a + step * u]), x_hat, unit)
+    g_x, g_theta = jax.vmap(gradients)(points)
+    pick = lambda tree, i: jax.tree_util.tree_map(lambda v: v[i], tree)  # noqa: E731
+    rho = pick(g_x, 0)
+    p = jax.tree_util.tree_map(lambda v: (v[1] - v[0]) * (length / step), g_theta)
+    q = jax.tree_util.tree_map(lambda v: (v[1] - v[0]) * (length / step), g_x)
+    # root_vjp(c) = −(∂θF)ᵀ(∂₁F)⁻ᵀ c, so the last term is root_vjp(q − ρ)
+    (z,) = root_vjp(F, x_hat, (theta,), jax.tree_util.tree_map(jnp.subtract, q, rho), solve=solve,
+                    nullspace=nullspace, symmetric=symmetric, on_failure="ignore", root_tol=None,
+                    nullspace_tol=None, operator=operator)
+    return jax.tree_util.tree_map(jnp.add, p, z)
 
 
 def first_order_estimate(error_norm, residual_norm, alpha):

@@ -252,6 +252,30 @@ def test_first_order_estimate_bounds_logistic_errors_within_a_factor_10():
         assert je.error_estimate(F, w_hat, lam).estimate > est.estimate
 
 
+def test_first_order_gradient_error_of_a_reverse_mode_gradient():
+    # o(λ) = O(w*(λ), λ), O = Σw³/3 + λΣw; closed form at any w with NumPy Hessians:
+    # ∇o(w) = Σw − wᵀ H(w)⁻¹ (w² + λ)   (∂λF = w, ∂wO = w² + λ)
+    X, lam, F, hessian, curve = logistic()
+    O = lambda w, lam: jnp.sum(w ** 3) / 3 + lam * jnp.sum(w)  # noqa: E731
+
+    def gradient(w):
+        return np.sum(w) - w @ np.linalg.solve(hessian(w), w ** 2 + lam)
+
+    @jax.jit
+    def estimate(w_hat):
+        options = dict(solve=CG, symmetric=True)
+        delta, _ = je.newton_step(F, w_hat, lam, **options)
+        adj = je.adjoint(F, w_hat, lam, jax.grad(O)(w_hat, lam), **options)
+        e = je.first_order_gradient_error(F, O, w_hat, lam, delta, adj, **options)
+        return je.FIRST_ORDER_SAFETY * jnp.abs(e)
+
+    rng = np.random.default_rng(7)
+    for scale in (1e-1, 1e-2, 1e-4):
+        w_hat = curve.x_star + scale * rng.normal(size=10)
+        truth = abs(gradient(w_hat) - gradient(curve.x_star))
+        assert truth <= float(estimate(jnp.asarray(w_hat))) <= 10 * truth, (scale, truth, estimate(w_hat))
+
+
 def test_first_order_falls_back_to_theorem_1_outside_the_newton_basin():
     # F = arctan(x) − θ at x̂ = 2, θ = 0: the Newton step overshoots to x ≈ −3.5, where
     # |F| is larger than at x̂ (linearity ≈ 1.2)

@@ -286,6 +286,29 @@ def test_unconverged_input_error_estimate_bounds_the_error_within_a_factor_10(lj
         sensitivity(loose, pot, strict=True)
 
 
+def test_observable_gradient_error_estimate_bounds_the_error_within_a_factor_10(lj13):
+    pot, ref = lj13
+    start = ms.System(np.asarray(ref.system.positions) + 0.05 * np.random.default_rng(4).normal(size=(13, 3)))
+    sigma = float(pot.params["sigma"])
+    observable = lambda R, p, c: p["sigma"] * jnp.sum((R[1] - R[2]) ** 2)  # noqa: E731
+    # R* ∝ σ (σ-tied cutoffs), so O* = σ³ c: dO*/dσ = 3 O*/σ, dO*/dε = 0 (closed form)
+    R_star = np.asarray(relax(start, pot, fmax=1e-12, max_steps=100_000).system.positions)
+    O_star = sigma * np.sum((R_star[1] - R_star[2]) ** 2)
+    exact = np.array([0.0, 3 * O_star / sigma])  # (epsilon, sigma): sorted keys
+    previous = np.inf
+    for fmax in (1e-3, 1e-5, 1e-7, 1e-9):
+        r = relax(start, pot, fmax=fmax, max_steps=100_000)
+        g, info = observable_gradient(r, pot, observable, return_info=True)
+        assert isinstance(info, ms.GradientInfo) and info.linearity <= ms.jacobian_error.LINEARITY_MAX
+        truth = float(np.linalg.norm(np.array([g["epsilon"], g["sigma"]]) - exact))
+        assert truth <= info.error_estimate <= 10 * truth + 1e-9, (fmax, truth, info)
+        assert info.error_estimate < previous
+        previous = info.error_estimate
+        # the gradient itself is the one observable_gradient returns without info
+        np.testing.assert_allclose(float(observable_gradient(r, pot, observable)["sigma"]), float(g["sigma"]),
+                                   rtol=1e-9)
+
+
 def _rattled_start(which):
     """(pot, start): relaxations from here stop at fmax 1e-3 inside the minimum's basin
     (the packing: except at 1e-3, where the Newton model fails; see below)."""

@@ -36,6 +36,7 @@ from mdsens.md.prediction import ParameterJacobian, Prediction, predict
 from mdsens.md.options import FIRE, LBFGS, GradientDescent, NeighborListOptions, StabilityOptions
 from mdsens.md.relaxation import make_relax, relax
 from mdsens.md.sensitivity import (
+    GradientInfo,
     Sensitivity,
     make_observable_gradient,
     make_sensitivity,

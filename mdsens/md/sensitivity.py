@@ -412,6 +412,16 @@ def _hessian_of_theta(prob, wrt):
 ESTIMATE_TOL = 1e-4
 
 
+def _newton(F, R, theta, basis, loose):
+    """``(δ, linearity)``: the Newton step ``H⁺ P∇E`` (a loose solve) and
+    ``‖P∇E(R − δ)‖ / ‖P∇E(R)‖`` (0 at an exact minimum). Jittable."""
+    Q = basis.reshape(basis.shape[0], -1)
+    norm = lambda v: jnp.linalg.norm(v.ravel() - Q.T @ (Q @ v.ravel()))  # noqa: E731
+    delta, _ = jacobian_error.newton_step(F, R, theta, **loose)
+    before, after = norm(F(R, theta)), norm(F(R - delta, theta))
+    return delta, jnp.where(before > 0, after / jnp.where(before > 0, before, 1.0), 0.0)
+
+
 def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     """vmapped forward implicit derivatives and their error diagnostics (jit-able).
 
@@ -430,9 +440,7 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     g_norm = jnp.linalg.norm(project(g))
     loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
                  symmetric=True, operator=hessian)
-    delta, _ = jacobian_error.newton_step(F, R, theta, **loose)
-    after_newton = jnp.linalg.norm(project(F(R - delta, theta)))
-    linearity = jnp.where(g_norm > 0, after_newton / jnp.where(g_norm > 0, g_norm, 1.0), 0.0)
+    delta, linearity = _newton(F, R, theta, basis, loose)
 
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
@@ -646,6 +654,27 @@ def sensitivity(result, pot, wrt="params", *, params=None, solve: Optional[Calla
     return fn(result, params=pot.params if params is None else params, neighbor=neighbor)
 
 
+@dataclasses.dataclass(frozen=True)
+class GradientInfo:
+    """Diagnostics of an observable gradient (``observable_gradient(..., return_info=True)``).
+
+    Attributes:
+      error_estimate: estimated ``‖∇O(R) − ∇O(R*)‖`` over all flat parameters (units of
+        O per parameter unit, or per unit strain): twice the first-order error
+        (:func:`mdsens.jacobian_error.first_order_gradient_error`, which includes the
+        adjoint solve's own residual). ``inf`` where the Newton model fails
+        (``linearity`` above :data:`mdsens.jacobian_error.LINEARITY_MAX`): relax tighter.
+      newton_distance: ``‖H⁺ P ∇E‖ ≈ ‖R − R*‖`` (length).
+      linearity: ``‖P ∇E(R − δ)‖ / ‖P ∇E(R)‖`` after the Newton step ``δ``.
+      fmax: largest per-atom force at the input (force units).
+    """
+
+    error_estimate: float
+    newton_distance: float
+    linearity: float
+    fmax: float
+
+
 class make_observable_gradient(_Derivative):  # noqa: N801
     """A reusable, compiled :func:`observable_gradient` (compiles on the first call).
 
@@ -694,17 +723,35 @@ class make_observable_gradient(_Derivative):  # noqa: N801
                               symmetric=True, on_failure=policy, operator=H(R, theta, cell, nb, params, blocks))
             return gth + cot
 
-        self._compiled[key] = (grad_total, O)
+        @jax.jit
+        def grad_with_error(R, theta, B, cell, nb, params, blocks):
+            """The gradient from an explicit adjoint ``w`` (one tight solve, as ``grad_total``'s),
+            and its first-order error (two loose solves)."""
+            Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
+            Oc = lambda x, th: O(x, th, cell, params)  # noqa: E731
+            nullspace = lambda x, th: B  # noqa: E731
+            operator = H(R, theta, cell, nb, params, blocks)
+            gR = jax.grad(Oc)(R, theta)
+            w = jacobian_error.adjoint(Fc, R, theta, gR, solve=solve, nullspace=nullspace, symmetric=True,
+                                       operator=operator)
+            gradient = jax.grad(lambda th: Oc(R, th) - jnp.vdot(w, Fc(R, th)))(theta)
+            loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
+                         symmetric=True, operator=operator)
+            delta, linearity = _newton(Fc, R, theta, B, loose)
+            e = jacobian_error.first_order_gradient_error(Fc, Oc, R, theta, delta, w, **loose)
+            return gradient, jnp.linalg.norm(e), jnp.linalg.norm(delta), linearity
+
+        self._compiled[key] = (grad_total, grad_with_error, O)
         return self._compiled[key]
 
-    def __call__(self, result, params=None, neighbor=None):
+    def __call__(self, result, params=None, neighbor=None, return_info: bool = False):
         prob = self._problem(result, params, neighbor)
         if self.wrt == "cell":
             theta, unravel = jnp.zeros((len(voigt_names(prob.system.dim)),), jnp.float64), None
         else:
             theta, unravel = jnp.asarray(flat_params(prob.params)), _unraveler(prob.params)
-        grad_total, O = self._functions(prob)
-        _, (basis, *_) = self._checked(prob, "an observable gradient")
+        grad_total, grad_with_error, O = self._functions(prob)
+        fmax_now, (basis, *_) = self._checked(prob, "an observable gradient")
         s = prob.system
         try:
             value = jax.eval_shape(O, s.positions, theta, s.cell, prob.params)
@@ -715,16 +762,25 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             ) from None
         if value.shape != ():
             raise OptionError(f"the observable must return a scalar; it returns shape {value.shape}.")
-        out = grad_total(s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
+        args = (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
+        if return_info:
+            out, e_norm, newton, linearity = grad_with_error(*args)
+            linearity = float(linearity)
+            estimate = (jacobian_error.FIRST_ORDER_SAFETY * float(e_norm)
+                        if linearity <= jacobian_error.LINEARITY_MAX else float("inf"))
+            info = GradientInfo(estimate, float(newton), linearity, fmax_now)
+        else:
+            out = grad_total(*args)
         if not np.all(np.isfinite(np.asarray(out))):
             raise StructureError("the observable's gradient is NaN/inf at this structure; check the observable.")
-        return np.asarray(out) if unravel is None else unravel(out)
+        out = np.asarray(out) if unravel is None else unravel(out)
+        return (out, info) if return_info else out
 
 
 def observable_gradient(result, pot, observable: Callable, *, wrt: str = "params", params=None,
                         solve: Optional[Callable] = None, tol: float = DEFAULT_TOL, strict: bool = False,
                         strict_fmax: float = STRICT_FMAX, stability=True, neighbor_list=None, neighbor=None,
-                        on_failure: str = "raise"):
+                        on_failure: str = "raise", return_info: bool = False):
     """Gradient of a scalar observable of the relaxed structure, in one (reverse) solve.
 
     ``d/dθ O(R*(θ), θ, cell) = ∂O/∂θ + (dR*/dθ)ᵀ ∂O/∂R`` with the second term from the
@@ -739,14 +795,17 @@ def observable_gradient(result, pot, observable: Callable, *, wrt: str = "params
         ``wrt="cell"`` it is called with the strained positions, params and strained cell.
       wrt: ``"params"`` (returns a dict like params) or ``"cell"`` (the ``(n_voigt,)``
         derivative w.r.t. Voigt strain at fixed fractional coordinates, engineering shear).
+      return_info: also return a :class:`GradientInfo` with the gradient's error
+        estimate (two more solves, at a loose tolerance; compiled on first use).
 
     Returns:
-      ``dO/dparams`` (dict like params; units of O per parameter unit) or ``dO/dε``.
+      ``dO/dparams`` (dict like params; units of O per parameter unit) or ``dO/dε``;
+      with ``return_info``, the pair ``(gradient, GradientInfo)``.
     """
     system = getattr(result, "system", result)
     options = dict(solve=solve, tol=tol, strict=strict, strict_fmax=strict_fmax, stability=stability,
                    neighbor_list=neighbor_list, on_failure=on_failure)
     fn = cache.memoized_make("observable_gradient", pot, system, (cache.hashable(observable), wrt), options,
                    lambda: make_observable_gradient(pot, system, observable, wrt=wrt, **options))
-    return fn(result, params=pot.params if params is None else params, neighbor=neighbor)
+    return fn(result, params=pot.params if params is None else params, neighbor=neighbor, return_info=return_info)
 
