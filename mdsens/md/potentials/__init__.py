@@ -6,6 +6,8 @@ arrays) and returns pure energy functions ``E(positions, params, cell, neighbor=
 
 from mdsens.md.errors import CutoffError, ParameterError, PotentialError, SpeciesError
 from mdsens.md.potentials.base import Potential
+from mdsens.md.potentials.custom import (CustomPotential, displacement, from_energy_fn, from_jax_md, neighbor_displacements,
+                                           split_nnx)
 from mdsens.md.potentials.eam import EAM, ZhouEAM, read_eam
 from mdsens.md.potentials.lennard_jones import LennardJones
 from mdsens.md.potentials.morse import Morse
@@ -28,4 +30,10 @@ __all__ = [
     "EAM",
     "ZhouEAM",
     "read_eam",
+    "CustomPotential",
+    "from_energy_fn",
+    "from_jax_md",
+    "split_nnx",
+    "displacement",
+    "neighbor_displacements",
 ]
