@@ -304,6 +304,7 @@ def error_curve(
     ylabel: str = r"Jacobian error $\|\hat J - J^*\| / \|J^*\|$",
     title: Optional[str] = None,
     estimate=None,
+    reference_label: Optional[str] = None,
 ):
     """Jacobian error vs inner-solver error, log–log (Theorem 1 of Blondel et al. 2022).
 
@@ -324,6 +325,9 @@ def error_curve(
       title: axes title.
       estimate: optional ``(K,)`` a-posteriori error estimates (e.g.
         ``Sensitivity.error_estimate / ‖J*‖``) drawn as a dotted line.
+      reference_label: legend label of the guide (default: ``∝ ‖x̂ − x*‖ (Theorem 1)``
+        for slope 1, else ``slope s``); say what ``x`` is when it is not the solution
+        error (e.g. a force residual).
 
     Returns:
       The ``Figure`` (one line per method, plus the guide and the estimate if any).
@@ -339,7 +343,9 @@ def error_curve(
     if reference_slope is not None and series:
         x, y = next(iter(series.values()))
         text = r"$\propto \|\hat x - x^*\|$" if reference_slope == 1 else rf"slope {reference_slope:g}"
-        _guide(ax, x, y, reference_slope, f"{text} (Theorem 1)" if reference_slope == 1 else text)
+        if reference_label is None:
+            reference_label = f"{text} (Theorem 1)" if reference_slope == 1 else text
+        _guide(ax, x, y, reference_slope, reference_label)
     _finish_loglog(ax, xlabel, ylabel, title)
     return fig
 

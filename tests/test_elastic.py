@@ -142,3 +142,27 @@ def test_make_elastic_constants_reuses_compilation_and_obeys_scaling(si_diamond)
     np.testing.assert_allclose(fn(scaled, params=p_sigma).relaxed, C1 / s**3, rtol=1e-8, atol=1e-10 * np.abs(C1).max())
     np.testing.assert_allclose(fn(res, params=p_eps).relaxed, k * C1, rtol=1e-8, atol=1e-10 * np.abs(C1).max())
     assert len(fn._compiled) == 1  # the same layout never recompiles
+
+
+@pytest.mark.slow  # ~1.5 min on a shared 2-core CPU (jax-md's athermal_moduli compiles)
+@pytest.mark.filterwarnings("ignore::mdsens.NotConvergedWarning")  # loose relaxations on purpose
+def test_error_estimate_bounds_the_error_of_loosely_relaxed_constants():
+    """An fcc LJ vacancy cell (internal relaxation matters) relaxed to fmax 1e-3..1e-9:
+    the reported estimate is above ‖C(R) − C(R*)‖₂, with C(R*) from jax-md's
+    athermal_moduli at the tightly relaxed structure, and within a factor 10 of it."""
+    pot = LennardJones(sigma=1.0, epsilon=1.0, r_cutoff=2.0, r_onset=1.8)
+    atoms = bulk("Ar", "fcc", a=1.55, cubic=True).repeat((3, 3, 3))
+    del atoms[0]
+    atoms.positions += 0.03 * np.random.default_rng(1).normal(size=atoms.positions.shape)
+    start = ms.System.from_ase(atoms)
+    exact = relax(start, pot, fmax=1e-12, max_steps=100_000)
+    truth_C = athermal_voigt(pot, exact.system, pot.params)
+    fn = ms.make_elastic_constants(pot, start)
+    previous = np.inf
+    for fmax in (1e-3, 1e-5, 1e-7, 1e-9):
+        C = fn(relax(start, pot, fmax=fmax, max_steps=100_000))
+        truth = np.linalg.norm(C.relaxed - truth_C, 2)
+        assert C.linearity <= ms.jacobian_error.LINEARITY_MAX
+        assert truth <= C.error_estimate <= 10 * truth + 1e-9, (fmax, truth, C.error_estimate)
+        assert C.error_estimate < previous
+        previous = C.error_estimate

@@ -23,6 +23,11 @@ stress–strain coefficients ``∂σ_I/∂ε_J`` and from the Lagrangian (Green-
 constants by terms linear in ``σ``; the residual stress is reported in ``stress`` so
 that the caller can judge it. Relax the cell (``relax(..., relax_cell=True)``) for the
 zero-stress constants, where all definitions agree.
+
+**Error estimate.** At an approximate minimum ``R = R* + δ`` the relaxed-ion constants
+are off by the derivative of ``Born + Λᵀ dU`` along ``δ`` (the Newton step), to first
+order; ``error_estimate`` reports twice its spectral norm, as ``ms.sensitivity`` does
+for its columns (:mod:`mdsens.jacobian_error`).
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens import jacobian_error
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp
 from mdsens.md import cache
 from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.sensitivity import ESTIMATE_TOL, linearity, newton
 from mdsens.md.strain import deformation_gradient, voigt_names
 
 __all__ = ["ElasticConstants", "elastic_constants", "make_elastic_constants"]
@@ -62,6 +69,11 @@ class ElasticConstants:
       asymmetry: ``max |C − Cᵀ| / max |C|`` of the relaxed correction before
         symmetrization (a solve-accuracy check; ≈ the solve tolerance).
       n_zero_modes: translations plus rattlers declared in the null space.
+      error_estimate: estimated ``‖C(R) − C(R*)‖₂`` of the relaxed-ion constants at an
+        approximate minimum ``R`` (same unit; spectral norm): twice the first-order error
+        along the Newton step (see ``_internal``); ``inf`` where the Newton model fails
+        (``linearity`` above :data:`mdsens.jacobian_error.LINEARITY_MAX`): relax tighter.
+      linearity: ``‖P∇E(R − δ)‖ / ‖P∇E(R)‖`` after the Newton step ``δ`` (0 at a minimum).
     """
 
     clamped: np.ndarray
@@ -73,6 +85,8 @@ class ElasticConstants:
     solve_residual: np.ndarray
     asymmetry: float
     n_zero_modes: int
+    error_estimate: float = float("nan")
+    linearity: float = float("nan")
 
     @property
     def dim(self) -> int:
@@ -93,12 +107,12 @@ class ElasticConstants:
             return self
         f = 1.0 / GPa
         return dataclasses.replace(self, clamped=self.clamped * f, relaxed=self.relaxed * f,
-                                   stress=self.stress * f, unit="GPa")
+                                   stress=self.stress * f, error_estimate=self.error_estimate * f, unit="GPa")
 
     def table(self) -> str:
         names = voigt_names(self.dim)
         lines = [f"elastic constants ({self.unit}), V = {self.volume:.6g}, residual stress max "
-                 f"{np.abs(self.stress).max():.3g} {self.unit}"]
+                 f"{np.abs(self.stress).max():.3g} {self.unit}, error estimate {self.error_estimate:.2g} {self.unit}"]
         for label, C in (("clamped-ion (Born)", self.clamped), ("relaxed-ion", self.relaxed)):
             lines.append(label)
             lines.append("      " + "".join(f"{n:>12}" for n in names))
@@ -111,27 +125,42 @@ class ElasticConstants:
 
 
 def _internal(E_s, R, basis, solve, hessian):
-    """Born Hessian, internal strain dU/dε and Λ·dU, jit-able.
+    """Born Hessian, internal strain dU/dε, Λ·dU and the first-order error of Λ·dU + Born
+    along the Newton step (jit-able).
 
     ``E_s(U, ε_voigt)`` is the strain energy; one forward solve per Voigt component,
     batched with ``vmap``, with ``hessian`` (``v ↦ ∂²E_s/∂U² v`` at ε = 0) as operator.
+    The error of column ``I`` of ``V C = Born + Λᵀ dU`` at ``R = R* + δ`` is, to first
+    order, ``∂_U[∂_ε∇_ε E_s · (dU_I, t_I)][δ] + Λᵀ e_I`` with ``e_I`` the first-order
+    error of ``dU_I`` (:func:`mdsens.jacobian_error.first_order_error`).
     """
     n_voigt = len(voigt_names(R.shape[1]))
     F = jax.grad(E_s)
+    grad_eps = jax.grad(E_s, argnums=1)
     theta0 = jnp.zeros((n_voigt,), jnp.float64)
     born = jax.hessian(E_s, argnums=1)(R, theta0)
     nullspace = lambda x, th: basis  # noqa: E731
+    loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
+                 symmetric=True, operator=hessian)
+    delta, residuals = newton(F, R, theta0, basis, loose)
+    length = jnp.linalg.norm(delta)
+    step = jacobian_error.FIRST_ORDER_STEP
+    shifted = R + step * delta / jnp.where(length > 0, length, 1.0)
 
     def one(t):
         dU, info = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
         lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
-        return dU, lam, info
+        e, _, _, _ = jacobian_error.first_order_error(F, R, theta0, delta, dU, t, **loose)
+        # column I of Born + Λᵀ dU is the tangent of ∇_ε E_s along (dU_I, t_I)
+        m0, m1 = jax.vmap(lambda x: jax.jvp(grad_eps, (x, theta0), (dU, t))[1])(jnp.stack([R, shifted]))
+        return dU, lam, info, e, (m1 - m0) * (length / step)
 
-    dU, lam, info = jax.vmap(one)(jnp.eye(n_voigt, dtype=jnp.float64))
+    dU, lam, info, e, d_columns = jax.vmap(one)(jnp.eye(n_voigt, dtype=jnp.float64))
     correction = jnp.einsum("jnd,ind->ij", lam, dU)  # Λ_Jᵀ dU_I = −Λ_Jᵀ H⁺ Λ_I
+    error = d_columns.T + jnp.einsum("jnd,ind->ji", lam, e)  # [J, I], as `correction`'s transpose
     stress_v = jax.grad(E_s, argnums=1)(R, theta0)
-    return born, correction, dU, info, stress_v
+    return born, correction, dU, info, stress_v, error, residuals
 
 
 class make_elastic_constants:  # noqa: N801  (a function that returns a function)
@@ -182,8 +211,8 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
             self._compiled[key] = self._compile(prob)
         run = self._compiled[key]
         fmax_now = check_stationary(prob, self.strict, self.strict_fmax, "elastic constants")
-        basis = null_basis(prob, self.stability, fmax_now)[0]
-        born, correction, dU, info, stress_v = run(
+        basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
+        born, correction, dU, info, stress_v, error, residuals = run(
             system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks)
         if not bool(np.all(np.asarray(info.converged))):
             report(self.on_failure,
@@ -198,6 +227,8 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         asym = float(np.abs(corr - corr.T).max() / scale)
         clamped = 0.5 * (born + born.T)
         relaxed = clamped + 0.5 * (corr + corr.T)
+        lin = linearity(residuals, lam_max, system.positions)
+        estimate = jacobian_error.first_order_estimate(np.linalg.norm(np.asarray(error) / V, 2), lin)
         return ElasticConstants(
             clamped=clamped,
             relaxed=relaxed,
@@ -208,6 +239,8 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
             solve_residual=np.asarray(info.relative_residual),
             asymmetry=asym,
             n_zero_modes=int(np.asarray(basis).shape[0]),
+            error_estimate=float(estimate),
+            linearity=lin,
         )
 
 

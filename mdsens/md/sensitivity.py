@@ -32,24 +32,21 @@ of it when ``a ≠ b``).
 
 **Error estimate (Theorem 1 of Blondel et al. 2022, to first order).** At an
 approximate minimum ``R = R* + δ`` the Jacobian computed there differs from the exact
-one by the derivative of ``J`` along ``δ``. mdsens takes ``δ`` as the Newton step
-``H⁺ P∇E`` and reports, per parameter,
+one by the derivative of ``J`` along ``δ``, plus the linear solve's own inexactness.
+mdsens takes ``δ`` as the Newton step ``H⁺ P∇E`` and reports, per parameter,
 
-    error_estimate_j = 2 ‖H⁺ ∂_R[H dR_j + b_j][δ]‖ + ‖P (H dR_j + b_j)‖ / λ_min
+    error_estimate_j = 2 ‖H⁺ (r_j − ∂_R[H dR_j + b_j][δ])‖,   r_j = H dR_j + b_j
 
-(:func:`mdsens.jacobian_error.first_order_error` and ``first_order_estimate``; the
-second term is the inexactness of the linear solve itself). It is the actual first-order
-error, doubled: within a factor of a few of the true error, and above it, wherever the
-Newton model holds. ``linearity = ‖P∇E(R − δ)‖ / ‖P∇E(R)‖`` says whether it does; above
-:data:`mdsens.jacobian_error.LINEARITY_MAX` (``R`` outside the quadratic basin of
-``R*``) the report falls back to the larger of that and the Theorem-1 form
-``C_j ‖P∇E‖ / λ_min`` with the local constant
-
-    C_j = (‖∂_R b_j [δ̂]‖ + ‖∂³E[δ̂, dR_j]‖) / λ_min
-
-(``δ̂`` the unit direction of ``δ``), which is conservative. Both grow linearly with
-the force residual: relax tighter to shrink them. Units: those of ``dR/dθ``, Euclidean
-norm over all atoms. NaN without ``λ_min`` (``stability=False``).
+(:func:`mdsens.jacobian_error.first_order_error` and ``first_order_estimate``; ``r_j``
+is the solve's residual). It is the actual first-order error, doubled: within a factor
+of a few of the true error, and above it, wherever the Newton model holds.
+``linearity = ‖P∇E(R − δ)‖ / ‖P∇E(R)‖`` says whether it does; above
+:data:`mdsens.jacobian_error.LINEARITY_MAX` (``R`` outside the quadratic basin of ``R*``,
+or a contact that opens between them, where the Hessian jumps) no local estimate is
+reliable and the report is ``inf``: relax tighter. It grows linearly with the force
+residual. Units: those of ``dR/dθ``, Euclidean norm over all atoms.
+``error_constant`` keeps the Theorem-1 form's local constant
+``C_j = (‖∂_R b_j [δ̂]‖ + ‖∂³E[δ̂, dR_j]‖) / λ_min`` (``δ̂ = δ/‖δ‖``) as a diagnostic.
 
 Units: ``positions`` derivatives in length / (parameter unit); ``energy`` in energy /
 (parameter unit); for strain, per unit (dimensionless) strain.
@@ -191,7 +188,7 @@ class Sensitivity:
       solve_iterations: iterations of each solve, ``(P,)``.
       error_constant: Theorem-1 constant estimate ``C_j`` (see module doc), ``(P,)``.
       error_estimate: estimated ``‖dR_j(R) − dR_j(R*)‖``, first order (see module doc),
-        ``(P,)`` (length / parameter unit).
+        ``(P,)`` (length / parameter unit); ``inf`` outside the Newton basin.
       fmax: largest per-atom force at the input positions (force units).
       residual_norm: ``‖P ∇E‖``, the projected force residual (force units).
       distance_bound: ``‖P ∇E‖ / λ_min`` ≳ ``‖R − R*‖`` (length).
@@ -412,14 +409,21 @@ def _hessian_of_theta(prob, wrt):
 ESTIMATE_TOL = 1e-4
 
 
-def _newton(F, R, theta, basis, loose):
-    """``(δ, linearity)``: the Newton step ``H⁺ P∇E`` (a loose solve) and
-    ``‖P∇E(R − δ)‖ / ‖P∇E(R)‖`` (0 at an exact minimum). Jittable."""
+def newton(F, R, theta, basis, loose):
+    """``(δ, (‖P∇E(R)‖, ‖P∇E(R − δ)‖))``: the Newton step ``H⁺ P∇E`` (a loose solve) and
+    the force residuals before and after it, for :func:`linearity` on the host. Jittable."""
     Q = basis.reshape(basis.shape[0], -1)
     norm = lambda v: jnp.linalg.norm(v.ravel() - Q.T @ (Q @ v.ravel()))  # noqa: E731
     delta, _ = jacobian_error.newton_step(F, R, theta, **loose)
-    before, after = norm(F(R, theta)), norm(F(R - delta, theta))
-    return delta, jnp.where(before > 0, after / jnp.where(before > 0, before, 1.0), 0.0)
+    return delta, jnp.stack([norm(F(R, theta)), norm(F(R - delta, theta))])
+
+
+def linearity(residuals, lam_max, positions) -> float:
+    """:func:`mdsens.jacobian_error.newton_linearity` of :func:`newton`'s residuals, with
+    the rounding scale ``λ_max ‖R − R̄‖`` of the forces (0 without a stability analysis)."""
+    before, after = (float(v) for v in np.asarray(residuals))
+    R = np.asarray(positions)
+    return float(jacobian_error.newton_linearity(before, after, lam_max * np.linalg.norm(R - R.mean(axis=0))))
 
 
 def _columns(F, R, theta, tangents, basis, solve, hessian=None):
@@ -440,16 +444,16 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     g_norm = jnp.linalg.norm(project(g))
     loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
                  symmetric=True, operator=hessian)
-    delta, linearity = _newton(F, R, theta, basis, loose)
+    delta, residuals = newton(F, R, theta, basis, loose)
 
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
-        e, residual, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
-        return dR, info, beta, gamma, jnp.linalg.norm(e), jnp.linalg.norm(project(residual))
+        e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
+        return dR, info, beta, gamma, jnp.linalg.norm(e)
 
-    dR, info, beta, gamma, e_norm, residual_norm = jax.vmap(one)(tangents)
-    return dR, info, beta, gamma, g, g_norm, e_norm, residual_norm, jnp.linalg.norm(delta), linearity
+    dR, info, beta, gamma, e_norm = jax.vmap(one)(tangents)
+    return dR, info, beta, gamma, g, g_norm, e_norm, jnp.linalg.norm(delta), residuals
 
 
 def _report_solve(converged, relative, names, policy):
@@ -553,7 +557,7 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, "a sensitivity")
         R = system.positions
 
-        (dR, info, beta, gamma, g, g_norm, e_norm, residual_norm, newton, linearity), partial = run(
+        (dR, info, beta, gamma, g, g_norm, e_norm, newton_length, residuals), partial = run(
             R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
         dR = np.asarray(dR)
         rel = np.asarray(info.relative_residual)
@@ -566,11 +570,8 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         # Theorem 1 from the one implementation in mdsens.jacobian_error (NaN without λ_min > 0)
         C = np.asarray(theorem1_constant_local(lam_min, np.asarray(beta), np.asarray(gamma)))
         dist = float(distance_from_residual(g_norm, lam_min))
-        linearity = float(linearity)
-        estimate = np.asarray(jacobian_error.first_order_estimate(np.asarray(e_norm), np.asarray(residual_norm),
-                                                                   lam_min))
-        if not linearity <= jacobian_error.LINEARITY_MAX:
-            estimate = np.fmax(estimate, C * dist)
+        lin = linearity(residuals, lam_max, R)
+        estimate = np.asarray(jacobian_error.first_order_estimate(np.asarray(e_norm), lin))
 
         internal = None
         if self.wrt == "cell":
@@ -593,8 +594,8 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             fmax=fmax_now,
             residual_norm=g_norm,
             distance_bound=dist,
-            newton_distance=float(newton),
-            linearity=linearity,
+            newton_distance=float(newton_length),
+            linearity=lin,
             lambda_min=float(lam_min),
             lambda_max=float(lam_max),
             n_zero_modes=int(np.asarray(basis).shape[0]),
@@ -737,9 +738,9 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             gradient = jax.grad(lambda th: Oc(R, th) - jnp.vdot(w, Fc(R, th)))(theta)
             loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
                          symmetric=True, operator=operator)
-            delta, linearity = _newton(Fc, R, theta, B, loose)
+            delta, residuals = newton(Fc, R, theta, B, loose)
             e = jacobian_error.first_order_gradient_error(Fc, Oc, R, theta, delta, w, **loose)
-            return gradient, jnp.linalg.norm(e), jnp.linalg.norm(delta), linearity
+            return gradient, jnp.linalg.norm(e), jnp.linalg.norm(delta), residuals
 
         self._compiled[key] = (grad_total, grad_with_error, O)
         return self._compiled[key]
@@ -751,7 +752,7 @@ class make_observable_gradient(_Derivative):  # noqa: N801
         else:
             theta, unravel = jnp.asarray(flat_params(prob.params)), _unraveler(prob.params)
         grad_total, grad_with_error, O = self._functions(prob)
-        fmax_now, (basis, *_) = self._checked(prob, "an observable gradient")
+        fmax_now, (basis, _, _, lam_max) = self._checked(prob, "an observable gradient")
         s = prob.system
         try:
             value = jax.eval_shape(O, s.positions, theta, s.cell, prob.params)
@@ -764,11 +765,10 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             raise OptionError(f"the observable must return a scalar; it returns shape {value.shape}.")
         args = (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
         if return_info:
-            out, e_norm, newton, linearity = grad_with_error(*args)
-            linearity = float(linearity)
-            estimate = (jacobian_error.FIRST_ORDER_SAFETY * float(e_norm)
-                        if linearity <= jacobian_error.LINEARITY_MAX else float("inf"))
-            info = GradientInfo(estimate, float(newton), linearity, fmax_now)
+            out, e_norm, newton_length, residuals = grad_with_error(*args)
+            lin = linearity(residuals, lam_max, s.positions)
+            estimate = float(jacobian_error.first_order_estimate(float(e_norm), lin))
+            info = GradientInfo(estimate, float(newton_length), lin, fmax_now)
         else:
             out = grad_total(*args)
         if not np.all(np.isfinite(np.asarray(out))):
