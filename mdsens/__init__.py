@@ -70,6 +70,7 @@ from mdsens.md import (  # noqa: E402
     make_relax,
     make_sensitivity,
     observable_gradient,
+    parameter_jacobian,
     potentials,
     predict,
     propagate_uncertainty,

@@ -32,7 +32,7 @@ from mdsens.md.errors import (
     UnknownParameterError,
 )
 from mdsens.md.io import read, write
-from mdsens.md.prediction import ParameterJacobian, Prediction, predict
+from mdsens.md.prediction import ParameterJacobian, Prediction, parameter_jacobian, predict
 from mdsens.md.options import FIRE, LBFGS, GradientDescent, NeighborListOptions, StabilityOptions
 from mdsens.md.relaxation import make_relax, relax
 from mdsens.md.sensitivity import (

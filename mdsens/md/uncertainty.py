@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from mdsens.errors import OptionError
+from mdsens.md import cache
 from mdsens.md.errors import ParameterError
 from mdsens.md.prediction import ParameterJacobian, evaluator, parameter_jacobian
 from mdsens.md.sensitivity import DEFAULT_TOL, flat_params, observable_gradient, parameter_labels
@@ -248,16 +249,22 @@ def _scalar_value(O, name, R, params, cell):
                           f"{type(err).__name__}: {err}") from None
     if shape != ():
         raise OptionError(f"observable {name!r} must return a scalar; it returns shape {shape}.")
-    return np.asarray(O(R, params, cell), np.float64)
+    return np.asarray(_compiled(O, "value", lambda: O)(R, params, cell), np.float64)
+
+
+def _compiled(O, what: str, build):
+    """``jax.jit(build())`` memoized per observable: run eagerly, each of a user
+    observable's operations compiles on its own (minutes for a neighbor-list energy)."""
+    return cache.memoized(("uncertainty_" + what, cache.hashable(O)), lambda: jax.jit(build()))
 
 
 def _forward_rows(O, R, params, cell, jac: ParameterJacobian) -> np.ndarray:
     """``(1, P)``: ``∂O/∂θ + ∂O/∂R · dR*/dθ (+ ∂O/∂cell · dcell*/dθ)``."""
     if cell is None:
-        gR, gp = jax.grad(O, argnums=(0, 1))(R, params, cell)
+        gR, gp = _compiled(O, "grad_free", lambda: jax.grad(O, argnums=(0, 1)))(R, params, cell)
         gC = None
     else:
-        gR, gp, gC = jax.grad(O, argnums=(0, 1, 2))(R, params, cell)
+        gR, gp, gC = _compiled(O, "grad_periodic", lambda: jax.grad(O, argnums=(0, 1, 2)))(R, params, cell)
     row = flat_params(gp) + np.tensordot(jac.positions, np.asarray(gR), axes=2)
     if gC is not None and jac.cell is not None:
         row = row + np.tensordot(jac.cell, np.asarray(gC), axes=2)

@@ -29,6 +29,7 @@ gives the ``atoms.repeat(...)`` that fixes it), :class:`~mdsens.ParameterError`.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -386,13 +387,16 @@ class Potential:
         return nl.allocate(system.positions, system.cell)
 
     # -- host-level wrappers (not for use inside jit) -------------------------------------
-    def _evaluate(self, system: System, params, what):
-        """Run ``what(E, R, p, C, nbrs)`` under one ``jax.jit`` (host wrappers)."""
+    def _evaluate(self, system: System, params, what, kind: str):
+        """Run ``what(E, R, p, C, nbrs)`` under one ``jax.jit`` (host wrappers), compiled
+        once per ``kind``, potential and layout (the memo of :mod:`mdsens.md.cache`):
+        a fresh ``jax.jit`` per call recompiled every ``pot.energy(...)``."""
         params = self.check(system, params)
         use_nl = neighbors.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms)
-        E = self.energy_fn(system, neighbor_list=use_nl, params=params)
-        nbrs = self.neighbor_list(system, params) if use_nl else None
-        fn = jax.jit(lambda R, p, C, nb: what(E, R, p, C, nb))
+        key = ("potential_" + kind, self.cache_key(), cache.layout_key(system), use_nl)
+        fn = cache.memoized(key, lambda: jax.jit(functools.partial(
+            what, self.energy_fn(system, neighbor_list=use_nl, params=params))))
+        nbrs = neighbors.indices_only(self.neighbor_list(system, params)) if use_nl else None
         out = fn(system.positions, params, system.cell, nbrs)
         if is_traced(out):
             # under jvp/vmap of the caller the values are not known here; the caller's
@@ -408,11 +412,11 @@ class Potential:
 
     def energy(self, system: System, params=None):
         """Potential energy of ``system`` (eV), float64 scalar."""
-        return self._evaluate(system, params, lambda E, R, p, C, nb: E(R, p, C, nb))
+        return self._evaluate(system, params, lambda E, R, p, C, nb: E(R, p, C, nb), "energy")
 
     def forces(self, system: System, params=None):
         """Forces ``-dE/dR``, ``(N, d)`` (eV/Å)."""
-        return self._evaluate(system, params, lambda E, R, p, C, nb: -jax.grad(E)(R, p, C, nb))
+        return self._evaluate(system, params, lambda E, R, p, C, nb: -jax.grad(E)(R, p, C, nb), "forces")
 
     def stress(self, system: System, params=None):
         """Stress in ASE's convention and Voigt order (xx, yy, zz, yz, xz, xy), eV/Å³.
@@ -428,7 +432,7 @@ class Potential:
             raise PotentialError(
                 "stress needs a periodic system with a cell; this one is free (pbc=False)."
             )
-        return self._evaluate(system, params, lambda E, R, p, C, nb: stress_from_energy(E, R, p, C, nb))
+        return self._evaluate(system, params, lambda E, R, p, C, nb: stress_from_energy(E, R, p, C, nb), "stress")
 
 
 #: Most Hessian-block entries (8 bytes each) built for fast products; beyond, products
