@@ -96,10 +96,10 @@ def test_every_example_is_tested():
     # jacobian_precision.py is tested in tests/test_jacobian_error.py, next to its module
     # paper_md_sensitivity.py's tests live in tests/test_paper_md_sensitivity.py, the
     # bilevel examples' in tests/test_examples_bilevel.py, silicon_vacancy.py's in
-    # tests/test_silicon_vacancy.py
+    # tests/test_silicon_vacancy.py, packing_ensemble.py's in tests/test_packing_ensemble.py
     tested = {"packing_sensitivity.py", "jacobian_error.py", "fit_potential.py", "elastic_si.py",
               "jacobian_precision.py", "paper_md_sensitivity.py", "svm_hyperparameters.py",
-              "dataset_distillation.py", "sparse_coding.py", "silicon_vacancy.py"}
+              "dataset_distillation.py", "sparse_coding.py", "silicon_vacancy.py", "packing_ensemble.py"}
     assert scripts == tested, f"untested examples: {scripts - tested}"
 
 
