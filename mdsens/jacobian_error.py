@@ -26,11 +26,16 @@ Three layers, one implementation of the formulas:
 * pure functions (:func:`theorem1_constant`, :func:`theorem1_constant_local`,
   :func:`theorem1_bound`, :func:`distance_from_residual`): numbers in, numbers out, jittable;
 * estimators on any ``F``: :func:`implicit_jacobian`, :func:`bound_constants`,
-  :func:`error_estimate` (a-posteriori, from the residual ``‖F(x̂)‖`` alone);
+  :func:`error_estimate` (a-posteriori, from ``F`` at ``x̂`` alone: the Theorem-1 form,
+  or the first-order error along the Newton step);
+* jittable first-order pieces for callers that own their solves: :func:`newton_step`,
+  :func:`first_order_error` (forward mode), :func:`adjoint` and
+  :func:`first_order_gradient_error` (reverse mode), :func:`newton_linearity`,
+  :func:`first_order_estimate`;
 * the experiment of the paper's Figure: :func:`error_curve` (implicit vs unrolled).
 
-This module knows no physics; ``mdsens.md`` uses its pure functions for the error
-estimates of a sensitivity.
+This module knows no physics; ``mdsens.md`` reports the first-order estimates of its
+sensitivities, observable gradients and elastic constants through these functions.
 """
 
 from __future__ import annotations

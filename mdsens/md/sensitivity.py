@@ -431,10 +431,11 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
 
     F(R, theta) -> (N, d); tangents: (P, *theta.shape); hessian: ``v ↦ ∂₁F v`` at
     ``(R, theta)`` for the solves (:func:`~mdsens.md.hessian.hessian_products`).
-    Returns (dR (P,N,d), info, β (P,), γ (P,), g (N,d), ‖Pg‖, ‖e‖ (P,),
-    ‖P residual‖ (P,), ‖δ‖, linearity): the Newton step ``δ`` and, per column, the
-    first-order error ``e``, the solve's residual and the directional constants β, γ
-    along ``δ`` (:func:`mdsens.jacobian_error.first_order_error`).
+    Returns (dR (P,N,d), info, β (P,), γ (P,), g (N,d), ‖Pg‖, ‖e‖ (P,), ‖δ‖,
+    (‖P∇E(R)‖, ‖P∇E(R − δ)‖)): the Newton step ``δ`` with the residuals before and after
+    it (:func:`linearity`) and, per column, the first-order error ``e`` (its solve's own
+    residual included) and the directional constants β, γ along ``δ``
+    (:func:`mdsens.jacobian_error.first_order_error`).
     """
     basis = jnp.asarray(basis)
     nullspace = lambda x, th: basis  # noqa: E731  constant modes, (k, N, d)
