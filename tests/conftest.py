@@ -13,6 +13,8 @@ import sys
 # its own behaviour, and nothing is written to the user's cache directory.
 os.environ.setdefault("MDSENS_COMPILATION_CACHE", "0")
 
+import numpy as np  # noqa: E402
+
 import mdsens as ms  # noqa: E402
 
 #: The bundled data folder (``mdsens/data``), wherever mdsens is installed.
@@ -49,3 +51,15 @@ def assert_figure(path):
     assert path.is_file(), f"{path} was not written"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def triangular_vacancy(nx=6, ny=8, a=1.12):
+    """Triangular 2D crystal with one vacancy (N = nx·ny − 1), its perfect lattice and cell."""
+    pts = np.array([((i + 0.5 * (j % 2)) * a, j * a * np.sqrt(3) / 2) for j in range(ny) for i in range(nx)])
+    return pts[1:], pts, np.diag([nx * a, ny * a * np.sqrt(3) / 2])
+
+
+def min_image(D, cell):
+    """Displacements ``D`` (N, d) wrapped to their minimum image in ``cell`` (rows)."""
+    frac = np.asarray(D) @ np.linalg.inv(cell)
+    return (frac - np.round(frac)) @ cell

@@ -10,20 +10,10 @@ import numpy as np
 import pytest
 
 import mdsens as ms
+from conftest import min_image, triangular_vacancy
 
 FMAX = 1e-12
 DIRECTION = {"epsilon": 0.6, "sigma": 0.8}  # relative Δθ direction
-
-
-def triangular_vacancy(nx=6, ny=8, a=1.12):
-    """Triangular 2D crystal with one vacancy (N = nx·ny − 1), its perfect lattice and cell."""
-    pts = np.array([((i + 0.5 * (j % 2)) * a, j * a * np.sqrt(3) / 2) for j in range(ny) for i in range(nx)])
-    return pts[1:], pts, np.diag([nx * a, ny * a * np.sqrt(3) / 2])
-
-
-def min_image(D, cell):
-    frac = np.asarray(D) @ np.linalg.inv(cell)
-    return (frac - np.round(frac)) @ cell
 
 
 def slope(h, err):

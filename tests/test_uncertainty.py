@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mdsens as ms
+from conftest import min_image, triangular_vacancy
 
 FMAX = 1e-12
 N_SAMPLES = 200
@@ -19,17 +20,6 @@ N_SAMPLES = 200
 #: correlation 0.4: small enough that the linearisation error is below the MC error.
 STD = np.array([3e-4, 2e-4])
 COV = np.outer(STD, STD) * np.array([[1.0, 0.4], [0.4, 1.0]])
-
-
-def triangular_vacancy(nx=6, ny=8, a=1.12):
-    """Triangular 2D crystal with one vacancy (N = nx·ny − 1), its perfect lattice and cell."""
-    pts = np.array([((i + 0.5 * (j % 2)) * a, j * a * np.sqrt(3) / 2) for j in range(ny) for i in range(nx)])
-    return pts[1:], pts, np.diag([nx * a, ny * a * np.sqrt(3) / 2])
-
-
-def min_image(D, cell):
-    frac = np.asarray(D) @ np.linalg.inv(cell)
-    return (frac - np.round(frac)) @ cell
 
 
 @pytest.fixture(scope="module")
