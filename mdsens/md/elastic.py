@@ -47,7 +47,7 @@ from mdsens.md import cache
 from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
-from mdsens.md.sensitivity import ESTIMATE_TOL, linearity, newton
+from mdsens.md.sensitivity import estimate_options, linearity, newton
 from mdsens.md.strain import deformation_gradient, voigt_names
 
 __all__ = ["ElasticConstants", "elastic_constants", "make_elastic_constants"]
@@ -140,8 +140,7 @@ def _internal(E_s, R, basis, solve, hessian):
     theta0 = jnp.zeros((n_voigt,), jnp.float64)
     born = jax.hessian(E_s, argnums=1)(R, theta0)
     nullspace = lambda x, th: basis  # noqa: E731
-    loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
-                 symmetric=True, operator=hessian)
+    loose = estimate_options(nullspace, hessian)
     delta, residuals = newton(F, R, theta0, basis, loose)
     length = jnp.linalg.norm(delta)
     step = jacobian_error.FIRST_ORDER_STEP

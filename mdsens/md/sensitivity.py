@@ -409,6 +409,13 @@ def _hessian_of_theta(prob, wrt):
 ESTIMATE_TOL = 1e-4
 
 
+def estimate_options(nullspace, operator) -> dict:
+    """The solve options of every error-estimate solve: loose CG (:data:`ESTIMATE_TOL`)
+    on the symmetric Hessian ``operator`` with the derivative's own ``nullspace``."""
+    return dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
+                symmetric=True, operator=operator)
+
+
 def newton(F, R, theta, basis, loose):
     """``(δ, (‖P∇E(R)‖, ‖P∇E(R − δ)‖))``: the Newton step ``H⁺ P∇E`` (a loose solve) and
     the force residuals before and after it, for :func:`linearity` on the host. Jittable."""
@@ -439,13 +446,10 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     """
     basis = jnp.asarray(basis)
     nullspace = lambda x, th: basis  # noqa: E731  constant modes, (k, N, d)
-    Q = basis.reshape(basis.shape[0], -1)
-    project = lambda v: (v.ravel() - Q.T @ (Q @ v.ravel())).reshape(v.shape)  # noqa: E731
     g = F(R, theta)
-    g_norm = jnp.linalg.norm(project(g))
-    loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
-                 symmetric=True, operator=hessian)
+    loose = estimate_options(nullspace, hessian)
     delta, residuals = newton(F, R, theta, basis, loose)
+    g_norm = residuals[0]  # ‖P∇E(R)‖, which the Newton step's linearity test needs anyway
 
     def one(t):
         dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
@@ -737,8 +741,7 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             w = jacobian_error.adjoint(Fc, R, theta, gR, solve=solve, nullspace=nullspace, symmetric=True,
                                        operator=operator)
             gradient = jax.grad(lambda th: Oc(R, th) - jnp.vdot(w, Fc(R, th)))(theta)
-            loose = dict(solve=functools.partial(linear_solve.cg, tol=ESTIMATE_TOL), nullspace=nullspace,
-                         symmetric=True, operator=operator)
+            loose = estimate_options(nullspace, operator)
             delta, residuals = newton(Fc, R, theta, B, loose)
             e = jacobian_error.first_order_gradient_error(Fc, Oc, R, theta, delta, w, **loose)
             return gradient, jnp.linalg.norm(e), jnp.linalg.norm(delta), residuals
