@@ -3,8 +3,8 @@
     mdsens info FILE
     mdsens relax FILE --potential lj --param sigma=3.4 --param epsilon=0.0104 \\
                  [--fmax 1e-6] [--max-steps N] [--method lbfgs] [--relax-cell] [-o OUT [--force]]
-    mdsens sensitivity FILE --potential lj --param ... [--wrt sigma,epsilon] [--csv F] [--json F]
-    mdsens demo [-o DIR]
+    mdsens sensitivity FILE --potential lj --param ... [--wrt sigma,epsilon] [--csv F] [--json F] [--no-progress]
+    mdsens demo [-o DIR] [--no-progress]
 
 Every error mdsens raises on purpose prints one line ``mdsens: error: ...`` on stderr
 and exits with a documented status (:data:`EXIT_CODES`): 1 a relaxation did not
@@ -16,6 +16,8 @@ failure (a linear solve, NaN). ``main(argv)`` returns the status, so tests call 
 ``section(ctx)`` run in order with a shared :class:`DemoContext`; the first relaxes the
 bundled structures and stores the results in ``ctx.results``. Later features append a
 section (e.g. sensitivities of those relaxed structures) without touching the others.
+While it runs, a bar on stderr names the section and the structure at hand
+(:meth:`DemoContext.stage`; shown when stderr is a terminal, never with ``--no-progress``).
 """
 
 from __future__ import annotations
@@ -356,7 +358,9 @@ class DemoContext:
     """What demo sections share: options, output stream, and the relaxations done.
 
     ``cases``: the structures to relax (default :func:`demo_cases`); ``results``: list of
-    ``(DemoCase, System start, potential, RelaxResult, seconds)``.
+    ``(DemoCase, System start, potential, RelaxResult, seconds)``; ``stages``: the
+    progress bar over the sections (:class:`mdsens.md.progress.Stages`, set by
+    :func:`cmd_demo`).
     """
 
     args: argparse.Namespace
@@ -365,6 +369,13 @@ class DemoContext:
     cases: list = dataclasses.field(default_factory=list)
     results: list = dataclasses.field(default_factory=list)
     failed: bool = False
+    stages: object = None
+    section: str = ""
+
+    def stage(self, detail: str) -> None:
+        """Say on the progress bar what the running section works on now (e.g. a structure)."""
+        if self.stages is not None:
+            self.stages.describe(f"{self.section}: {detail}")
 
 
 def demo_relaxations(ctx: DemoContext) -> None:
@@ -379,6 +390,7 @@ def demo_relaxations(ctx: DemoContext) -> None:
     from mdsens import data
 
     for case in ctx.cases:
+        ctx.stage(f"{case.label}, {case.potential}")
         system = load(str(data.path(case.file)))
         pot = case.make_potential()
         result, elapsed, notes = _relax_quietly(system, pot, progress=False, **case.options)
@@ -422,14 +434,16 @@ def demo_sensitivities(ctx: DemoContext) -> None:
         wrt = _DEMO_SENSITIVITIES.get(case.label)
         if wrt is None or not result.converged:
             continue
+        ctx.stage(f"{case.label}, {case.potential}")
         t0 = time.perf_counter()
-        sens = sensitivity(result, pot, wrt=wrt)
+        sens = sensitivity(result, pot, wrt=wrt, progress=False)
         print(f"\n{case.label} ({case.potential}), {time.perf_counter() - t0:.2f} s incl. compilation", file=ctx.out)
         print(sens.table(), file=ctx.out)
     for case, _, pot, result, _ in ctx.results:
         if case.potential == "Stillinger-Weber" and result.converged:
+            ctx.stage(f"elastic constants, {case.label}, {case.potential}")
             t0 = time.perf_counter()
-            constants = elastic_constants(result, pot).to_gpa()
+            constants = elastic_constants(result, pot, progress=False).to_gpa()
             print(f"\nElastic constants, {case.label} with {case.potential} "
                   f"({time.perf_counter() - t0:.2f} s): internal strain lowers C44 from clamped to relaxed",
                   file=ctx.out)
@@ -448,7 +462,7 @@ def demo_figure(ctx: DemoContext) -> None:
             continue
         direction = {k: np.zeros(np.shape(v)) for k, v in pot.params.items()}
         direction["sigma"] = np.array([[1.0, 0.5], [0.5, 0.0]])  # σ_A grows by 1 (additive mixing)
-        sens = sensitivity(result, pot, wrt={"sigma_A": direction})
+        sens = sensitivity(result, pot, wrt={"sigma_A": direction}, progress=False)
         fig = sensitivity_arrows(result.system, sens.dpositions[0], radii={"A": 0.5, "B": 0.7},
                                  label=r"$\mathrm{d}R^*/\mathrm{d}\sigma_A$", length_unit=r"$\sigma_A$",
                                  displacement_unit="",
@@ -481,7 +495,7 @@ def cmd_sensitivity(args, out: TextIO, err: TextIO) -> int:
     result, _, notes = _relax_quietly(system, pot, fmax=args.fmax, max_steps=args.max_steps, progress=False)
     for note in notes:
         print(f"mdsens: warning: {note}", file=err)
-    sens = sensitivity(result, pot, wrt=args.wrt, strict=args.strict)
+    sens = sensitivity(result, pot, wrt=args.wrt, strict=args.strict, progress=False if args.no_progress else None)
     print(sens.table(), file=out)
     if args.csv:
         sens.to_csv(args.csv)
@@ -496,12 +510,27 @@ def cmd_demo(args, out: TextIO, err: TextIO, *, cases: Optional[List[DemoCase]] 
              sections: Optional[List[Callable[[DemoContext], None]]] = None) -> int:
     """Run the demo's ``sections`` (default :data:`DEMO_SECTIONS`) on ``cases`` (default
     :func:`demo_cases`); returns the exit status."""
+    from mdsens.md.progress import Stages
+
     ctx = DemoContext(args=args, out=out, err=err, cases=demo_cases() if cases is None else list(cases))
-    for i, section in enumerate(DEMO_SECTIONS if sections is None else sections):
-        if i:
-            print(file=out)
-        section(ctx)
+    sections = DEMO_SECTIONS if sections is None else list(sections)
+    # the bar goes to the command's stderr, next to its warnings, and only to a terminal
+    progress = False if getattr(args, "no_progress", False) else None
+    with Stages(progress, "mdsens demo", len(sections), stream=err) as ctx.stages:
+        for i, section in enumerate(sections):
+            if i:
+                print(file=out)
+            ctx.section = _section_title(section)
+            ctx.stages.start(ctx.section)
+            section(ctx)
+    ctx.stages = None
     return 1 if ctx.failed else 0
+
+
+def _section_title(section) -> str:
+    """A demo section's name on the progress bar: ``demo_relaxations`` -> ``relaxations``."""
+    name = getattr(section, "__name__", "section")
+    return (name[len("demo_"):] if name.startswith("demo_") else name).replace("_", " ")
 
 
 def _table(headers, rows) -> str:
@@ -558,11 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fmax", type=float, default=1e-8, help="force criterion of the relaxation (default 1e-8)")
     p.add_argument("--max-steps", type=int, default=50_000)
     p.add_argument("--strict", action="store_true", help="refuse a structure that is not relaxed tightly")
+    p.add_argument("--no-progress", action="store_true", help="never show the progress bar of the sensitivity")
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--json", help="also write the table (and dR*/dθ) as JSON")
 
     p = sub.add_parser("demo", help="the demo: relax the bundled structures, differentiate them, draw a figure")
     p.add_argument("-o", "--output-dir", help="also write the relaxed structures here")
+    p.add_argument("--no-progress", action="store_true", help="never show the progress bar of the sections")
     return parser
 
 

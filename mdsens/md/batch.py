@@ -29,6 +29,7 @@ from mdsens.md import cache
 from mdsens.md.driver import DEFAULT_FMAX, DEFAULT_MAX_STEPS
 from mdsens.md.errors import StructureError
 from mdsens.md.options import DEFAULT_MINIMIZER, as_minimizer
+from mdsens.md.progress import Stages, traced_progress
 from mdsens.md.relaxation import make_relax
 from mdsens.md.system import System
 
@@ -104,7 +105,8 @@ def _padded(tree, size):
 
 def relax_batch(systems: Sequence[System], pot, *, params=None, fmax: float = DEFAULT_FMAX,
                 max_steps: int = DEFAULT_MAX_STEPS, minimizer=DEFAULT_MINIMIZER, solve=None,
-                on_failure: str = "raise", devices: Optional[Sequence] = None) -> BatchRelaxResult:
+                on_failure: str = "raise", devices: Optional[Sequence] = None,
+                progress: Optional[bool] = None) -> BatchRelaxResult:
     """Relax structures of one layout as one program, sharded over ``devices``.
 
     Args:
@@ -115,6 +117,10 @@ def relax_batch(systems: Sequence[System], pot, *, params=None, fmax: float = DE
       fmax, max_steps, minimizer, solve, on_failure: as :func:`mdsens.relax`.
       devices: devices to shard the batch over (default ``jax.devices()``: all local
         devices, or all devices of a ``jax.distributed`` run).
+      progress: show a bar on stderr (the whole batch is one program, so it says
+        "relaxing B structures" until all are done, not per structure); default:
+        when stderr is a terminal. Off under jit/vmap, where ``True`` raises
+        :class:`~mdsens.OptionError`.
 
     Returns:
       :class:`BatchRelaxResult`, differentiable w.r.t. ``params`` (and the cells) like
@@ -126,6 +132,15 @@ def relax_batch(systems: Sequence[System], pot, *, params=None, fmax: float = DE
     """
     template, R, C = _stacked(systems)
     size = R.shape[0]
+    progress = traced_progress(progress, (R, C, params, fmax, max_steps), "ms.relax_batch")
+    with Stages(progress, f"relax_batch B={size} N={template.n_atoms}", 1) as stages:
+        outputs = _relaxed(template, R, C, size, pot, params, fmax, max_steps, minimizer, solve, on_failure,
+                           devices, stages)
+    return BatchRelaxResult(*outputs, template)
+
+
+def _relaxed(template, R, C, size, pot, params, fmax, max_steps, minimizer, solve, on_failure, devices, stages):
+    """The outputs of :class:`BatchRelaxResult` but ``template``: the batch as one program."""
     params, batched = _batched_params(pot, template, params, size)
     minimizer = as_minimizer(minimizer)
     devices = list(jax.devices() if devices is None else devices)
@@ -152,8 +167,12 @@ def relax_batch(systems: Sequence[System], pot, *, params=None, fmax: float = DE
         if batched:
             params = jax.device_put(_padded(params, padded), sharded)
         inputs = (R, C, params)
+    # one program for the whole batch: nothing to report between structures
+    stages.start(f"relaxing {size} structure{'s' if size != 1 else ''} (one program)")
     positions, energy, forces, stress, fmax_out, steps, converged = run(*inputs, fmax, max_steps)
+    if stages.shown:  # end the stage when the program does (without a bar, stay asynchronous)
+        jax.block_until_ready(positions)
     outputs = (positions, inputs[1], energy, forces, stress, fmax_out, steps, converged)
     if padded != size:  # drop the padding (the results of the repeated last structure)
         outputs = jax.tree_util.tree_map(lambda x: x[:size], outputs)
-    return BatchRelaxResult(*outputs, template)
+    return outputs

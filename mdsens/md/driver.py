@@ -7,7 +7,7 @@ holds). Between chunks, on the host, it
 * checks neighbor-list overflow: an overflowed chunk is discarded and re-run with a
   reallocated list (:func:`mdsens.md.neighbors.overflow_capacity`), never truncated;
 * refuses NaN/inf energies with :class:`~mdsens.RelaxError`;
-* shows progress (tqdm);
+* shows progress (tqdm, :mod:`mdsens.md.progress`);
 
 and finally **confirms convergence with a freshly built neighbor list** (a stale list
 can make a relaxation look converged), and evaluates energy, forces and stress at the
@@ -20,7 +20,6 @@ options, not on positions, cell or parameters, so one instance serves many calls
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -31,7 +30,8 @@ import numpy as np
 from mdsens._config import require_x64
 from mdsens.md import minimize, neighbors
 from mdsens.md.errors import NotConvergedWarning, RelaxError
-from mdsens.md.options import DEFAULT_MINIMIZER, as_minimizer, as_neighbor_list
+from mdsens.md.options import DEFAULT_MINIMIZER, LBFGS, GradientDescent, as_minimizer, as_neighbor_list
+from mdsens.md.progress import progress_bar, progress_enabled
 from mdsens.md.strain import energy_forces_stress
 from mdsens.md.system import System
 
@@ -100,6 +100,10 @@ class HostRelaxation:
         self.template = system
         self.relax_cell = bool(relax_cell)
         self.use_nl = uses_neighbor_list(pot, system.n_atoms, self.neighbor_options)
+        # Short lists are exact only where every energy is evaluated at the positions the
+        # list was just updated to: L-BFGS and gradient descent do that, FIRE does not
+        # (it updates, then moves the atoms, then evaluates).
+        self.short_lists = isinstance(self.minimizer, (LBFGS, GradientDescent))
         cf = self.minimizer.cell_factor
         self.cell_factor = float(system.n_atoms if cf is None else cf)
         self.energy_fn = pot.energy_fn(system, neighbor_list=self.use_nl)
@@ -138,7 +142,8 @@ class HostRelaxation:
         cutoff = float(self.pot.cutoff(params))
         nl = self._nl
         if nl is None or nl.cutoff < cutoff:
-            nl = self.pot.neighbor_list_fn(system, params, **self.neighbor_options.kwargs())
+            short_skin = neighbors.SHORT_SKIN_FRACTION * cutoff if self.short_lists else 0.0
+            nl = self.pot.neighbor_list_fn(system, params, short_skin=short_skin, **self.neighbor_options.kwargs())
         return nl
 
     def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
@@ -172,12 +177,13 @@ class HostRelaxation:
             if nl is None:
                 return None
             R, cell = self.problem.physical(X, cell_ref)
-            return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra), self._cell_list_fns)
+            return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra, short=self.short_lists),
+                                             self._cell_list_fns)
 
         state = init(X0, params, cell_ref, allocate(X0))
         confirmed = None  # the fresh list that confirmed convergence, at the final positions
         evaluated = None  # (energy, forces, stress) with that list there
-        bar = _progress_bar(_progress_enabled(progress), max_steps, self.template)
+        bar = progress_bar(progress_enabled(progress), max_steps, f"relax N={system.n_atoms}", unit="step")
         chunk = self.minimizer.chunk_size
         extra = 0
         try:
@@ -241,7 +247,9 @@ class HostRelaxation:
             self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
         neighbor = None
         if confirmed is not None and not self.relax_cell:
-            neighbor = confirmed  # built at exactly these positions, and evaluated there
+            # built at exactly these positions, and evaluated there; its short list stays
+            # in the loop (valid only where the loop updates it)
+            neighbor = confirmed.without_short()
         else:
             evaluated = None
             if nl is not None:  # unconfirmed, or the rotation removed from the cell moved every atom
@@ -312,18 +320,3 @@ def _remove_rotation(R, cell, D):
     u, _, vt = np.linalg.svd(np.asarray(D))
     q = u @ vt
     return R @ q.T, cell @ q.T
-
-
-def _progress_enabled(progress: Optional[bool]) -> bool:
-    if progress is not None:
-        return bool(progress)
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _progress_bar(show: bool, total: int, system: System):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not show, desc=f"relax N={system.n_atoms}", unit="step", leave=False)

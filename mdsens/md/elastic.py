@@ -47,6 +47,7 @@ from mdsens.md import cache
 from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.progress import structure_stages
 from mdsens.md.sensitivity import estimate_options, linearity, newton
 from mdsens.md.strain import deformation_gradient, voigt_names
 
@@ -166,7 +167,7 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
     """A reusable, compiled :func:`elastic_constants` for structures shaped like ``system``.
 
     ``elastic_fn = make_elastic_constants(pot, system)``; ``elastic_fn(result, params=None,
-    neighbor=None)`` returns :class:`ElasticConstants`. The first call compiles the Born
+    neighbor=None, progress=None)`` returns :class:`ElasticConstants`. The first call compiles the Born
     Hessian and the ``n_voigt`` batched solves; later calls with the same layout reuse
     them. Options are those of :func:`elastic_constants`.
     """
@@ -199,20 +200,26 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
 
         return jax.jit(run)
 
-    def __call__(self, result, params=None, neighbor=None) -> ElasticConstants:
-        prob = self._problem(result, params, neighbor)
-        system = prob.system
-        if not system.pbc:
-            raise OptionError("elastic constants need a periodic system with a cell; this one is free.")
-        key = (system.n_atoms, system.dim, tuple(np.asarray(system.species).tolist()),
-               tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None)
-        if key not in self._compiled:
-            self._compiled[key] = self._compile(prob)
-        run = self._compiled[key]
-        fmax_now = check_stationary(prob, self.strict, self.strict_fmax, "elastic constants")
-        basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
-        born, correction, dU, info, stress_v, error, residuals = run(
-            system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks)
+    def __call__(self, result, params=None, neighbor=None, progress: Optional[bool] = None) -> ElasticConstants:
+        with structure_stages(progress, "elastic_constants", result, params, 3) as stages:
+            stages.start("forces and Hessian blocks")
+            prob = self._problem(result, params, neighbor)
+            system = prob.system
+            if not system.pbc:
+                raise OptionError("elastic constants need a periodic system with a cell; this one is free.")
+            key = (system.n_atoms, system.dim, tuple(np.asarray(system.species).tolist()),
+                   tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None)
+            if key not in self._compiled:
+                self._compiled[key] = self._compile(prob)
+            run = self._compiled[key]
+            stages.start("stability analysis" if self.stability is not None else "rigid modes")
+            fmax_now = check_stationary(prob, self.strict, self.strict_fmax, "elastic constants")
+            basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
+            # the Born Hessian and every strain column are one batched program: one stage
+            stages.start(f"Born term and {len(voigt_names(system.dim))} internal-strain solves")
+            born, correction, dU, info, stress_v, error, residuals = run(
+                system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks)
+            jax.block_until_ready(born)  # the stage ends when the program does
         if not bool(np.all(np.asarray(info.converged))):
             report(self.on_failure,
                    f"the internal-relaxation solves missed tol={self.tol:g} (relative residuals "
@@ -245,7 +252,7 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
 
 def elastic_constants(result, pot, *, params=None, solve: Optional[Callable] = None, tol: float = 1e-10,
                       strict: bool = False, strict_fmax: float = STRICT_FMAX, stability=True, neighbor_list=None,
-                      neighbor=None, on_failure: str = "raise") -> ElasticConstants:
+                      neighbor=None, on_failure: str = "raise", progress: Optional[bool] = None) -> ElasticConstants:
     """Clamped-ion and relaxed-ion Voigt elastic constants of a relaxed periodic structure.
 
     Args:
@@ -255,6 +262,9 @@ def elastic_constants(result, pot, *, params=None, solve: Optional[Callable] = N
       strict, strict_fmax, stability, neighbor_list, neighbor: as ``ms.sensitivity``.
       on_failure: an internal-relaxation solve that misses ``tol``: ``"raise"``
         (default), ``"warn"`` or ``"ignore"``.
+      progress: show the stages (Hessian blocks, stability analysis, the Born term with
+        all strain columns in one program) on stderr; default: when stderr is a
+        terminal. ``True`` under jit/vmap raises :class:`~mdsens.OptionError`.
 
     Returns:
       :class:`ElasticConstants` in eV/Å³ (eV/Å² in 2D). Compiles on every call;
@@ -270,4 +280,4 @@ def elastic_constants(result, pot, *, params=None, solve: Optional[Callable] = N
                    neighbor_list=neighbor_list, on_failure=on_failure)
     fn = cache.memoized_make("elastic_constants", pot, system, (), options,
                        lambda: make_elastic_constants(pot, system, **options))
-    return fn(result, params=pot.params if params is None else params, neighbor=neighbor)
+    return fn(result, params=pot.params if params is None else params, neighbor=neighbor, progress=progress)

@@ -55,6 +55,7 @@ from mdsens.md.errors import ParameterError, StructureError
 from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_neighbor_list, as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.progress import Stages, structure_stages
 from mdsens.md.sensitivity import DEFAULT_TOL, Sensitivity, flat_params, parameter_labels, sensitivity
 from mdsens.md.strain import energy_forces_stress, stress_from_energy, voigt_strain_matrix
 from mdsens.md.system import System
@@ -172,7 +173,7 @@ def _structure(result) -> System:
 
 def parameter_jacobian(result, pot, *, params=None, relax_cell: bool = False, solve: Optional[Callable] = None,
                        tol: float = DEFAULT_TOL, stability=True, neighbor_list=None,
-                       on_failure: str = "raise") -> ParameterJacobian:
+                       on_failure: str = "raise", progress: Optional[bool] = None) -> ParameterJacobian:
     """:class:`ParameterJacobian` of a relaxed structure (forward mode, one solve per
     parameter through :func:`~mdsens.sensitivity`; with ``relax_cell`` also
     ``sensitivity(wrt="cell")`` and the relaxed elastic constants).
@@ -183,6 +184,9 @@ def parameter_jacobian(result, pot, *, params=None, relax_cell: bool = False, so
       relax_cell: the structure was relaxed with ``relax(..., relax_cell=True)`` (zero
         stress): the cell follows the parameters. Periodic systems only.
       solve, tol, stability, neighbor_list, on_failure: as :func:`~mdsens.sensitivity`.
+      progress: show the stages (the sensitivity; with ``relax_cell`` also the cell
+        sensitivity and the elastic constants) on stderr; default: when stderr is a
+        terminal.
 
     Raises:
       OptionError: ``relax_cell`` for a free system; every error of ``ms.sensitivity``
@@ -194,7 +198,21 @@ def parameter_jacobian(result, pot, *, params=None, relax_cell: bool = False, so
     params = pot.check(system, pot.params if params is None else params)
     options = dict(params=params, solve=solve, tol=tol, stability=stability, neighbor_list=neighbor_list,
                    on_failure=on_failure)
-    sens = sensitivity(result, pot, **options)
+    with structure_stages(progress, "parameter_jacobian", result, params, jacobian_stages(relax_cell)) as stages:
+        return jacobian_in_stages(result, pot, system, params, relax_cell, options, stages)
+
+
+def jacobian_stages(relax_cell: bool) -> int:
+    """How many progress stages :func:`parameter_jacobian` reports (its solve programs)."""
+    return 3 if relax_cell else 1
+
+
+def jacobian_in_stages(result, pot, system, params, relax_cell, options, stages: Stages) -> ParameterJacobian:
+    """:func:`parameter_jacobian` on checked input, reporting to ``stages``; the inner
+    calls show no bar of their own (one bar per call)."""
+    neighbor_list = options["neighbor_list"]
+    stages.start(f"sensitivity ({len(flat_params(params))} parameters)")
+    sens = sensitivity(result, pot, progress=False, **options)
     P, R = len(sens.names), np.asarray(system.positions)
     dR = np.asarray(sens.dpositions)
     denergy = np.asarray(sens.denergy)
@@ -208,8 +226,10 @@ def parameter_jacobian(result, pot, *, params=None, relax_cell: bool = False, so
                                                 jnp.eye(P, dtype=jnp.float64)))
         dcell = np.zeros((P,) + cell.shape)
         if relax_cell:
-            sens_cell = sensitivity(result, pot, wrt="cell", **options)
-            C = elastic_constants(result, pot, **options).relaxed
+            stages.start("cell sensitivity")
+            sens_cell = sensitivity(result, pot, wrt="cell", progress=False, **options)
+            stages.start("elastic constants")
+            C = elastic_constants(result, pot, progress=False, **options).relaxed
             # zero stress at θ + Δθ: dσ|_cell + C dε = 0
             strain = -np.linalg.solve(C, dstress.T).T
             dR = dR + np.einsum("pi,ind->pnd", strain, np.asarray(sens_cell.dpositions))
@@ -337,7 +357,8 @@ class Prediction:
 
 def predict(result, pot, new_params: dict, *, params=None, order: int = 1, relax_cell: bool = False,
             jacobian: Optional[ParameterJacobian] = None, solve: Optional[Callable] = None,
-            tol: float = DEFAULT_TOL, stability=True, neighbor_list=None, on_failure: str = "raise") -> Prediction:
+            tol: float = DEFAULT_TOL, stability=True, neighbor_list=None, on_failure: str = "raise",
+            progress: Optional[bool] = None) -> Prediction:
     """The relaxed structure, energy and cell at ``new_params``, without relaxing again.
 
     Args:
@@ -353,6 +374,9 @@ def predict(result, pot, new_params: dict, *, params=None, order: int = 1, relax
       jacobian: a :class:`ParameterJacobian` of this result (``Prediction.jacobian``)
         to reuse: then no first-order solve runs.
       solve, tol, stability, neighbor_list, on_failure: as :func:`~mdsens.sensitivity`.
+      progress: show the stages (the first-order solves unless ``jacobian`` is given,
+        the second-order solve, the evaluation at ``θ'``) on stderr; default: when stderr
+        is a terminal.
 
     Returns:
       :class:`Prediction` (energy in eV, positions and cell in Å).
@@ -371,9 +395,19 @@ def predict(result, pot, new_params: dict, *, params=None, order: int = 1, relax
     params = pot.check(system, pot.params if params is None else params)
     new = checked_params(pot, system, params, new_params)
     theta = flat_params(params)
+    total = (jacobian_stages(relax_cell) if jacobian is None else 0) + (order == 2) + 1
+    with structure_stages(progress, "predict", result, params, total) as stages:
+        return _predicted(result, pot, system, params, new, theta, order, relax_cell, jacobian, solve, tol,
+                          stability, neighbor_list, on_failure, stages)
+
+
+def _predicted(result, pot, system, params, new, theta, order, relax_cell, jacobian, solve, tol, stability,
+               neighbor_list, on_failure, stages) -> Prediction:
+    """:func:`predict` on checked input, reporting to ``stages``."""
     if jacobian is None:
-        jacobian = parameter_jacobian(result, pot, params=params, relax_cell=relax_cell, solve=solve, tol=tol,
-                                      stability=stability, neighbor_list=neighbor_list, on_failure=on_failure)
+        options = dict(params=params, solve=solve, tol=tol, stability=stability, neighbor_list=neighbor_list,
+                       on_failure=on_failure)
+        jacobian = jacobian_in_stages(result, pot, system, params, relax_cell, options, stages)
     else:
         jacobian = _check_jacobian(jacobian, system, theta, relax_cell)
     dtheta = flat_params(new) - theta
@@ -382,12 +416,14 @@ def predict(result, pot, new_params: dict, *, params=None, order: int = 1, relax
     predicted = system.replace(positions=jnp.asarray(R), cell=None if cell is None else jnp.asarray(cell))
     ev = evaluator(pot, system, params, neighbor_list)
     if order == 2:
+        stages.start("second-order (chord) solve")
         g = -np.asarray(ev.forces(predicted.positions, new, predicted.cell, ev.neighbor(predicted, new)))
         chord = cache.memoized_make(
             "predict_chord", pot, system, (), dict(solve=solve, tol=tol, stability=stability,
                                                    neighbor_list=neighbor_list, on_failure=on_failure),
             lambda: _ChordStep(pot, solve, tol, stability, neighbor_list, on_failure))
         predicted = predicted.replace(positions=jnp.asarray(R + chord(result, params, g)))
+    stages.start("energy, forces and stress at the new parameters")
     energy, forces, stress = ev.evaluate(predicted.positions, new, predicted.cell, ev.neighbor(predicted, new))
     forces = np.asarray(forces)
     return Prediction(

@@ -77,6 +77,7 @@ from mdsens.md.hessian import hessian_products
 from mdsens.md.io import write_text_atomically
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.progress import structure_stages
 from mdsens.md.strain import deformation_gradient, voigt_names, voigt_strain_matrix
 
 __all__ = [
@@ -507,9 +508,9 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
     """A reusable, compiled :func:`sensitivity` for systems shaped like ``system``.
 
     ``sens_fn = make_sensitivity(pot, system, wrt=...)``; ``sens_fn(result, params=None,
-    neighbor=None)`` returns a :class:`Sensitivity`. The first call compiles; later calls
-    with the same layout and parameter shapes reuse the compiled solves. Options are
-    those of :func:`sensitivity`.
+    neighbor=None, progress=None)`` returns a :class:`Sensitivity`. The first call
+    compiles; later calls with the same layout and parameter shapes reuse the compiled
+    solves. Options are those of :func:`sensitivity`.
     """
 
     def __init__(self, pot, system, wrt="params", *, solve=None, tol=DEFAULT_TOL, strict=False,
@@ -554,17 +555,21 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         return (jnp.asarray(theta), jnp.asarray(np.eye(theta.size)[idx]), tuple(labels[i] for i in idx),
                 theta[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
 
-    def __call__(self, result, params=None, neighbor=None) -> Sensitivity:
-        prob = self._problem(result, params, neighbor)
-        system, params_ = prob.system, prob.params
-        theta, tangents, names, values, idx, shapes = self._parameters(system, params_)
-        run = self._functions(prob, tangents.shape[0])
-        fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, "a sensitivity")
-        R = system.positions
-
-        (dR, info, beta, gamma, g, g_norm, e_norm, newton_length, residuals), partial = run(
-            R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
-        dR = np.asarray(dR)
+    def __call__(self, result, params=None, neighbor=None, progress: Optional[bool] = None) -> Sensitivity:
+        with structure_stages(progress, "sensitivity", result, params, 3) as stages:
+            stages.start("forces and Hessian blocks")
+            prob = self._problem(result, params, neighbor)
+            system, params_ = prob.system, prob.params
+            theta, tangents, names, values, idx, shapes = self._parameters(system, params_)
+            run = self._functions(prob, tangents.shape[0])
+            stages.start("stability analysis" if self.stability is not None else "rigid modes")
+            fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, "a sensitivity")
+            R = system.positions
+            # all columns are one batched program: one stage, not one per column
+            stages.start(f"{len(names)} implicit solve{'s' if len(names) != 1 else ''} and error estimates")
+            (dR, info, beta, gamma, g, g_norm, e_norm, newton_length, residuals), partial = run(
+                R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
+            dR = np.asarray(dR)  # waits for the program, so the stage ends when the solves do
         rel = np.asarray(info.relative_residual)
         _report_solve(np.asarray(info.converged), rel, names, self.on_failure)
 
@@ -613,7 +618,8 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
 
 def sensitivity(result, pot, wrt="params", *, params=None, solve: Optional[Callable] = None,
                 tol: float = DEFAULT_TOL, strict: bool = False, strict_fmax: float = STRICT_FMAX,
-                stability=True, neighbor_list=None, neighbor=None, on_failure: str = "raise") -> Sensitivity:
+                stability=True, neighbor_list=None, neighbor=None, on_failure: str = "raise",
+                progress: Optional[bool] = None) -> Sensitivity:
     """Derivatives of a relaxed structure w.r.t. potential parameters or the cell.
 
     Args:
@@ -640,6 +646,9 @@ def sensitivity(result, pot, wrt="params", *, params=None, solve: Optional[Calla
         relaxation's own while it covers the range, else a fresh one.
       on_failure: a linear solve that misses ``tol``: ``"raise"`` (default), ``"warn"``
         or ``"ignore"``.
+      progress: show the stages (Hessian blocks, stability analysis, the solves: all
+        columns in one program) on stderr; default: when stderr is a terminal. ``True``
+        under jit/vmap raises :class:`~mdsens.OptionError`.
 
     Returns:
       :class:`Sensitivity`. Compiles on every call; :class:`make_sensitivity` reuses the
@@ -657,7 +666,7 @@ def sensitivity(result, pot, wrt="params", *, params=None, solve: Optional[Calla
                    neighbor_list=neighbor_list, on_failure=on_failure)
     fn = cache.memoized_make("sensitivity", pot, system, (cache.hashable(wrt),), options,
                    lambda: make_sensitivity(pot, system, wrt, **options))
-    return fn(result, params=pot.params if params is None else params, neighbor=neighbor)
+    return fn(result, params=pot.params if params is None else params, neighbor=neighbor, progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,8 @@ import numpy as np
 from mdsens.errors import OptionError
 from mdsens.md import cache
 from mdsens.md.errors import ParameterError
-from mdsens.md.prediction import ParameterJacobian, evaluator, parameter_jacobian
+from mdsens.md.prediction import ParameterJacobian, evaluator, jacobian_in_stages, jacobian_stages
+from mdsens.md.progress import structure_stages
 from mdsens.md.sensitivity import DEFAULT_TOL, flat_params, observable_gradient, parameter_labels
 from mdsens.md.strain import stress_from_energy, voigt_names
 from mdsens.md.system import System
@@ -274,7 +275,8 @@ def _forward_rows(O, R, params, cell, jac: ParameterJacobian) -> np.ndarray:
 def propagate_uncertainty(result, pot, covariance, observables=None, *, params=None, mode: str = "auto",
                           relax_cell: bool = False, jacobian: Optional[ParameterJacobian] = None,
                           solve: Optional[Callable] = None, tol: float = DEFAULT_TOL, stability=True,
-                          neighbor_list=None, on_failure: str = "raise") -> Uncertainty:
+                          neighbor_list=None, on_failure: str = "raise",
+                          progress: Optional[bool] = None) -> Uncertainty:
     """Linearised mean and covariance of relaxed observables under parameter uncertainty.
 
     Args:
@@ -296,6 +298,9 @@ def propagate_uncertainty(result, pot, covariance, observables=None, *, params=N
       jacobian: a :class:`~mdsens.md.prediction.ParameterJacobian` of this result
         (``Prediction.jacobian``, ``Uncertainty.jacobian``) to reuse in forward mode.
       solve, tol, stability, neighbor_list, on_failure: as :func:`~mdsens.sensitivity`.
+      progress: show the stages on stderr (forward: the sensitivity solves, then the
+        observables; reverse: one stage per adjoint solve, i.e. per scalar component);
+        default: when stderr is a terminal.
 
     Returns:
       :class:`Uncertainty`: per observable the value at θ₀ (= the first-order mean),
@@ -327,20 +332,43 @@ def propagate_uncertainty(result, pot, covariance, observables=None, *, params=N
     if mode == "auto":
         mode = "reverse" if not vectors and not relax_cell and n_scalar < len(names) else "forward"
 
+    options = dict(params=params, solve=solve, tol=tol, stability=stability, neighbor_list=neighbor_list,
+                   on_failure=on_failure)
+    if mode == "forward":
+        total = (jacobian_stages(relax_cell) if jacobian is None else 0) + 1
+    else:
+        total = n_scalar
+    with structure_stages(progress, "propagate_uncertainty", result, params, total) as stages:
+        rows, values, jac = _jacobian_rows(result, pot, wanted, mode, relax_cell, jacobian, options, nv, stages)
+    out = {}
+    for name in wanted:
+        J = np.asarray(rows[name], np.float64)
+        var = np.maximum(np.einsum("ip,pq,iq->i", J, sigma, J), 0.0)
+        value = np.asarray(values[name], np.float64)
+        out[name] = ObservableUncertainty(name=name, value=value, jacobian=J,
+                                          std=np.sqrt(var).reshape(value.shape), parameter_covariance=sigma)
+    return Uncertainty(observables=out, parameter_names=names, parameter_covariance=sigma, mode=mode,
+                       relax_cell=bool(relax_cell), jacobian=jac)
+
+
+def _jacobian_rows(result, pot, wanted, mode, relax_cell, jacobian, options, nv, stages):
+    """``(rows, values, jacobian)``: per observable ``J`` (rows over the parameters) and
+    ``O(θ₀)``, and the forward-mode :class:`ParameterJacobian` (``None`` in reverse
+    mode). Reports each solve program to ``stages``; inner calls show no bar."""
+    system = getattr(result, "system", result)
+    params, neighbor_list = options["params"], options["neighbor_list"]
+    names = parameter_labels(params)
     ev = evaluator(pot, system, params, neighbor_list)
     nb = ev.neighbor(system, params)
     R, cell = system.positions, system.cell
     E = ev.energy_fn
     energy_of = lambda x, p, c: E(x, p, c, nb)  # noqa: E731
     stress_of = lambda x, p, c: stress_from_energy(E, x, p, c, nb)  # noqa: E731
-    options = dict(params=params, solve=solve, tol=tol, stability=stability, neighbor_list=neighbor_list,
-                   on_failure=on_failure)
-
     rows, values = {}, {}
     if mode == "forward":
         jac = jacobian
         if jac is None:
-            jac = parameter_jacobian(result, pot, relax_cell=relax_cell, **options)
+            jac = jacobian_in_stages(result, pot, system, params, relax_cell, options, stages)
         elif not isinstance(jac, ParameterJacobian) or jac.relax_cell != bool(relax_cell) \
                 or not np.allclose(jac.values, flat_params(params), rtol=1e-12, atol=0.0) \
                 or jac.reference_positions.shape != tuple(R.shape) \
@@ -348,6 +376,7 @@ def propagate_uncertainty(result, pot, covariance, observables=None, *, params=N
             raise OptionError("jacobian= was computed for another structure, other parameters or another "
                               "relax_cell; leave it out or pass the one of this result.")
         P = len(names)
+        stages.start("observables")
         for name, spec in wanted.items():
             if spec == "energy":
                 values[name], rows[name] = np.asarray(jac.reference_energy), jac.energy[None, :]
@@ -364,27 +393,20 @@ def propagate_uncertainty(result, pot, covariance, observables=None, *, params=N
     else:
         jac = None
 
-        def adjoint(O):
+        def adjoint(O, label):
+            stages.start(f"adjoint solve: {label}")  # one solve program per scalar component
             return flat_params(observable_gradient(result, pot, O, **options))[None, :]
 
         for name, spec in wanted.items():
             if spec == "energy":
                 values[name] = np.asarray(energy_of(R, params, cell))
-                rows[name] = adjoint(energy_of)
+                rows[name] = adjoint(energy_of, name)
             elif spec == "stress":
                 values[name] = np.asarray(stress_of(R, params, cell))
-                rows[name] = np.concatenate([adjoint(lambda x, p, c, I=I: stress_of(x, p, c)[I])
-                                             for I in range(nv)])
+                labels = voigt_names(system.dim)
+                rows[name] = np.concatenate([adjoint(lambda x, p, c, I=I: stress_of(x, p, c)[I],
+                                                     f"{name}_{labels[I]}") for I in range(nv)])
             else:
                 values[name] = _scalar_value(spec, name, R, params, cell)
-                rows[name] = adjoint(spec)
-
-    out = {}
-    for name in wanted:
-        J = np.asarray(rows[name], np.float64)
-        var = np.maximum(np.einsum("ip,pq,iq->i", J, sigma, J), 0.0)
-        value = np.asarray(values[name], np.float64)
-        out[name] = ObservableUncertainty(name=name, value=value, jacobian=J,
-                                          std=np.sqrt(var).reshape(value.shape), parameter_covariance=sigma)
-    return Uncertainty(observables=out, parameter_names=names, parameter_covariance=sigma, mode=mode,
-                       relax_cell=bool(relax_cell), jacobian=jac)
+                rows[name] = adjoint(spec, name)
+    return rows, values, jac
