@@ -311,6 +311,52 @@ def test_lp_vertex_derivative_by_the_conic_condition_matches_linprog_finite_diff
     assert_both((fc, rc), np.zeros((2, 2)), atol=1e-8)  # a vertex does not move with c
 
 
+# Infeasibility: the Douglas–Rachford step tends to the minimal displacement, whose parts
+# are certificates (a Farkas ray for an empty feasible set, a descent ray when unbounded).
+# SciPy's linprog (HiGHS) is the independent verdict.
+G_LP = np.array([[1.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+LP_CONE = optim.Cone(nonnegative=3)
+
+
+def test_conic_solver_reports_a_primal_infeasible_lp_with_a_farkas_certificate():
+    # x ≥ 0 and x1 + x2 ≤ −1: empty
+    c, h = np.array([1.0, 1.0]), np.array([-1.0, 0.0, 0.0])
+    assert so.linprog(c, A_ub=G_LP, b_ub=h, bounds=[(None, None)] * 2, method="highs").status == 2
+    solver = optim.ConicSolver(LP_CONE, on_failure="ignore")
+    state = solver.run(None, None, c, G_LP, h).state
+    assert optim.solvers.conic.STATUS[int(state.status)] == "primal infeasible"
+    assert int(state.iter_num) < 1000  # stopped by the certificate, not by maxiter
+    y = np.asarray(state.certificate[1]) / np.max(np.abs(state.certificate[1]))
+    assert np.all(y >= -1e-12) and h @ y < -1e-3  # y ∈ K*, bᵀy < 0 ...
+    # ... and Aᵀy = 0 (to infeasibility_tol · max|A|): no x is feasible
+    assert np.max(np.abs(G_LP.T @ y)) <= solver.infeasibility_tol
+    with pytest.raises(optim.InfeasibleProblemError, match="primal infeasible.*Change b"):
+        optim.ConicSolver(LP_CONE).run(None, None, c, G_LP, h)
+    with pytest.warns(optim.InfeasibleProblemWarning, match="primal infeasible"):
+        optim.ConicSolver(LP_CONE, on_failure="warn").run(None, None, c, G_LP, h)
+
+
+def test_conic_qp_reports_an_unbounded_lp_with_a_descent_ray():
+    # min −x1 − x2 s.t. x ≥ 0, x1 − x2 ≤ 1: unbounded along (1, 1)
+    c, G, h = np.array([-1.0, -1.0]), np.array([[-1.0, 0.0], [0.0, -1.0], [1.0, -1.0]]), np.array([0.0, 0.0, 1.0])
+    assert so.linprog(c, A_ub=G, b_ub=h, bounds=[(None, None)] * 2, method="highs").status == 3
+    qp = optim.ConicQP(on_failure="ignore")
+    state = qp.run(None, (None, c), None, (G, h)).state
+    assert optim.solvers.conic.STATUS[int(state.status)] == "dual infeasible"
+    d = np.asarray(state.certificate[0]) / np.max(np.abs(state.certificate[0]))
+    assert c @ d < -1e-3 and np.all(G @ d <= 1e-9)  # a feasible direction of descent
+    with pytest.raises(optim.InfeasibleProblemError, match="QP is dual infeasible.*unbounded"):
+        optim.ConicQP().run(None, (None, c), None, (G, h))
+    # inside jit nothing can be raised: the status says it
+    status = jax.jit(lambda c: qp.run(None, (None, c), None, (G, h)).state.status)(c)
+    assert int(status) == 2
+    # a bounded, feasible neighbour (x1 + x2 ≤ 3 added) is solved, status 0
+    G3, h3 = np.vstack([G, [1.0, 1.0]]), np.append(h, 3.0)
+    step = qp.run(None, (None, c), None, (G3, h3))
+    assert int(step.state.status) == 0
+    np.testing.assert_allclose(c @ np.asarray(step.params.primal), -3.0, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------
 # Mirror descent: KL geometry on the simplex (closed-form KKT Jacobian)
 # --------------------------------------------------------------------------------------

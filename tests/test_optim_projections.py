@@ -309,3 +309,130 @@ def test_bad_input_raises_an_option_error(call, match):
     with pytest.raises(ms.OptionError, match=match):
         call()
     assert issubclass(ms.OptionError, ms.MdsensError)
+
+
+# ----------------------------------------------- Euclidean transport and polyhedra
+# Truths: the defining QPs solved by SLSQP; the closed-form Jacobian of a projection on
+# its active set, I − Cᵀ(CCᵀ)⁻¹C; central finite differences (the projections are
+# piecewise linear, so a step inside one piece is exact up to the solver's tolerance).
+rng_qp = np.random.default_rng(12)
+SIM_L2 = 0.3 * rng_qp.normal(size=(3, 4))
+MARG_A_L2 = np.array([0.3, 0.3, 0.4])
+MARG_B_L2 = np.array([0.2, 0.3, 0.25, 0.25])
+
+
+def l2_transport_by_slsqp(S, a, b):
+    """argmin_{P ≥ 0} ½‖P − S‖², P1 = a, Pᵀ1 = b (one column sum is implied by the rest)."""
+    m, n = S.shape
+    cons = [{"type": "eq", "fun": lambda p: p.reshape(m, n).sum(1) - a},
+            {"type": "eq", "fun": lambda p: p.reshape(m, n).sum(0)[:-1] - b[:-1]}]
+    return slsqp_projection(S.ravel(), constraints=cons, bounds=[(0, None)] * (m * n)).reshape(m, n)
+
+
+def test_euclidean_transport_and_birkhoff_solve_their_problems():
+    P = np.asarray(optim.projection_transport(SIM_L2, (MARG_A_L2, MARG_B_L2)))
+    np.testing.assert_allclose(P, l2_transport_by_slsqp(SIM_L2, MARG_A_L2, MARG_B_L2), atol=1e-7)
+    assert P.min() >= 0.0 and (P == 0).any() and (P > 0).sum() > 6  # sparse, but not a vertex
+    np.testing.assert_allclose(P.sum(1), MARG_A_L2, atol=1e-13)
+    np.testing.assert_allclose(P.sum(0), MARG_B_L2, atol=1e-13)
+    S = rng_qp.normal(size=(4, 4))
+    B = np.asarray(optim.projection_birkhoff(S))
+    np.testing.assert_allclose(B, l2_transport_by_slsqp(S, np.ones(4), np.ones(4)), atol=1e-7)
+    np.testing.assert_allclose(B.sum(0), np.ones(4), atol=1e-13)
+    np.testing.assert_allclose(B.sum(1), np.ones(4), atol=1e-13)
+
+
+def test_euclidean_transport_derivative_through_the_dual_condition_in_both_modes():
+    # implicit differentiation of the dual's marginal condition (CG with the gauge), w.r.t.
+    # the similarity matrix and the marginals (b rescaled so that the masses agree)
+    def plan(S, a):
+        return optim.projection_transport(S, (a, MARG_B_L2 * a.sum()))
+
+    h = 1e-6
+    fd_S = np.stack([(np.asarray(plan(SIM_L2 + h * E, MARG_A_L2)) - np.asarray(plan(SIM_L2 - h * E, MARG_A_L2)))
+                     / (2 * h) for E in np.eye(12).reshape(12, 3, 4)], axis=-1).reshape(3, 4, 3, 4)
+    fd_a = np.stack([(np.asarray(plan(SIM_L2, MARG_A_L2 + h * e)) - np.asarray(plan(SIM_L2, MARG_A_L2 - h * e)))
+                     / (2 * h) for e in np.eye(3)], axis=-1)
+    u, v_S, v_a = rng_qp.normal(size=(3, 4)), rng_qp.normal(size=(3, 4)), rng_qp.normal(size=3)
+
+    def derivatives(S, a):
+        jac = jax.jacfwd(plan, argnums=(0, 1))(S, a)
+        jvp = jax.jvp(plan, (S, a), (v_S, v_a))[1]
+        vjp = jax.vjp(plan, S, a)[1](u)
+        return jac, jvp, vjp
+
+    (jac_S, jac_a), jvp, (vjp_S, vjp_a) = jax.jit(derivatives, compiler_options=QUICK_COMPILE)(SIM_L2, MARG_A_L2)
+    np.testing.assert_allclose(jac_S, fd_S, atol=1e-8)
+    np.testing.assert_allclose(jac_a, fd_a, atol=1e-8)
+    # ⟨u, J v⟩ = ⟨Jᵀu, v⟩: forward and reverse are adjoint, and reverse matches the FD too
+    np.testing.assert_allclose(np.sum(u * jvp), np.sum(vjp_S * v_S) + vjp_a @ v_a, rtol=1e-10)
+    np.testing.assert_allclose(vjp_S, np.einsum("ij,ijkl->kl", u, fd_S), atol=1e-8)
+    np.testing.assert_allclose(vjp_a, np.einsum("ij,ijk->k", u, fd_a), atol=1e-8)
+
+
+X_POLY = np.array([0.9, -0.4, 1.3, 0.2, -1.1])
+A_POLY = np.array([[1.0, 1.0, 1.0, 1.0, 1.0]])
+B_POLY = np.array([1.0])
+G_POLY = np.vstack([-np.eye(5)[:2], rng_qp.normal(size=(2, 5))])
+H_POLY = np.array([0.0, 0.0, 0.5, 0.5])
+
+
+def test_polyhedron_projection_solves_its_defining_problem():
+    hyper = (A_POLY, B_POLY, G_POLY, H_POLY)
+    p = np.asarray(optim.projection_polyhedron(X_POLY, hyper))
+    cons = [{"type": "eq", "fun": lambda p: A_POLY @ p - B_POLY, "jac": lambda p: A_POLY},
+            {"type": "ineq", "fun": lambda p: H_POLY - G_POLY @ p, "jac": lambda p: -G_POLY}]
+    np.testing.assert_allclose(p, slsqp_projection(X_POLY, constraints=cons), atol=1e-7)
+    np.testing.assert_allclose(A_POLY @ p, B_POLY, atol=1e-10)
+    assert np.all(G_POLY @ p <= H_POLY + 1e-10)
+    # the probability simplex as a polyhedron: the sort-based closed form
+    simplex = (np.ones((1, 5)), np.ones(1), -np.eye(5), np.zeros(5))
+    np.testing.assert_allclose(optim.projection_polyhedron(X_POLY, simplex), optim.projection_simplex(X_POLY),
+                               atol=1e-9)
+    # only equalities: the affine-set closed form; no constraints: x itself
+    np.testing.assert_allclose(optim.projection_polyhedron(X_POLY, (A_AFF[:, :5], B_AFF, None, None)),
+                               optim.projection_affine_set(X_POLY, (A_AFF[:, :5], B_AFF)), atol=1e-9)
+    np.testing.assert_allclose(optim.projection_polyhedron(X_POLY, (None, None, None, None)), X_POLY)
+
+
+def test_polyhedron_projection_jacobian_in_both_modes():
+    # on the active set C = [A; G_act]: p = x − Cᵀ(CCᵀ)⁻¹(Cx − d), so ∂p/∂x = I − Cᵀ(CCᵀ)⁻¹C
+    # and ∂p/∂h_act = Cᵀ(CCᵀ)⁻¹ restricted to the active rows
+    def proj(x, h):
+        return optim.projection_polyhedron(x, (A_POLY, B_POLY, G_POLY, h), check_feasible=False)
+
+    p = np.asarray(proj(X_POLY, H_POLY))
+    active = np.abs(G_POLY @ p - H_POLY) < 1e-8
+    assert 0 < active.sum() < 4  # a face, not a vertex: the Jacobian is not trivial
+    C = np.vstack([A_POLY, G_POLY[active]])
+    K = C.T @ np.linalg.inv(C @ C.T)
+    closed_x = np.eye(5) - K @ C
+    closed_h = np.zeros((5, 4))
+    closed_h[:, active] = K[:, 1:]
+    step = 1e-4  # exact inside the piece; large enough that the 1e-12 solve tolerance is invisible
+    fd_x = np.stack([(np.asarray(proj(X_POLY + step * e, H_POLY)) - np.asarray(proj(X_POLY - step * e, H_POLY)))
+                     / (2 * step) for e in np.eye(5)], axis=1)
+    fd_h = np.stack([(np.asarray(proj(X_POLY, H_POLY + step * e)) - np.asarray(proj(X_POLY, H_POLY - step * e)))
+                     / (2 * step) for e in np.eye(4)], axis=1)
+    np.testing.assert_allclose(fd_x, closed_x, atol=1e-7)
+    np.testing.assert_allclose(fd_h, closed_h, atol=1e-7)
+    u, v = rng_qp.normal(size=5), rng_qp.normal(size=5)
+
+    def derivatives(x, h):
+        return (jax.jacfwd(proj, argnums=(0, 1))(x, h), jax.jacrev(proj, argnums=(0, 1))(x, h),
+                jax.jvp(lambda x: proj(x, h), (x,), (v,))[1], jax.vjp(lambda x: proj(x, h), x)[1](u)[0])
+
+    (fwd_x, fwd_h), (rev_x, rev_h), jvp, vjp = jax.jit(derivatives, compiler_options=QUICK_COMPILE)(X_POLY, H_POLY)
+    for jac_x, jac_h in ((fwd_x, fwd_h), (rev_x, rev_h)):
+        np.testing.assert_allclose(jac_x, closed_x, atol=1e-9)
+        np.testing.assert_allclose(jac_h, closed_h, atol=1e-9)
+    np.testing.assert_allclose(u @ jvp, vjp @ v, rtol=1e-10)
+
+
+def test_polyhedron_projection_reports_an_empty_polyhedron():
+    # x1 + x2 = 1 with x1 + x2 <= 0: a Farkas certificate, not a silently wrong point
+    hyper = (np.array([[1.0, 1.0]]), np.array([1.0]), np.array([[1.0, 1.0]]), np.array([0.0]))
+    with pytest.raises(optim.InfeasibleProblemError, match="projection_polyhedron.*primal infeasible"):
+        optim.projection_polyhedron(np.zeros(2), hyper)
+    assert isinstance(optim.InfeasibleProblemError("x"), ms.RootError)
+    optim.projection_polyhedron(np.zeros(2), hyper, check_feasible=False)  # no check asked: no error

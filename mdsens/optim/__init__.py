@@ -30,6 +30,7 @@ from mdsens.optim.projections import (
     kl_projection_transport,
     projection_affine_set,
     projection_box,
+    projection_birkhoff,
     projection_box_section,
     projection_halfspace,
     projection_hypercube,
@@ -40,8 +41,10 @@ from mdsens.optim.projections import (
     projection_l2_sphere,
     projection_linf_ball,
     projection_non_negative,
+    projection_polyhedron,
     projection_second_order_cone,
     projection_simplex,
+    projection_transport,
 )
 from mdsens.optim.proximal import (
     make_prox_from_projection,
@@ -66,6 +69,8 @@ from mdsens.optim.solvers import (
     GaussNewton,
     GaussNewtonState,
     GradientDescent,
+    InfeasibleProblemError,
+    InfeasibleProblemWarning,
     MirrorDescent,
     MirrorDescentState,
     Newton,
@@ -91,8 +96,9 @@ __all__ = [
     "projection_non_negative", "projection_box", "projection_hypercube", "projection_simplex",
     "projection_l1_sphere", "projection_l1_ball", "projection_l2_sphere", "projection_l2_ball",
     "projection_linf_ball", "projection_hyperplane", "projection_halfspace", "projection_affine_set",
-    "projection_box_section", "projection_second_order_cone", "kl_projection_simplex", "kl_mirror_step",
-    "kl_projection_transport", "kl_projection_birkhoff",
+    "projection_box_section", "projection_polyhedron", "projection_second_order_cone", "projection_transport",
+    "projection_birkhoff", "kl_projection_simplex", "kl_mirror_step", "kl_projection_transport",
+    "kl_projection_birkhoff",
     # proximal operators
     "prox_none", "prox_lasso", "prox_non_negative_lasso", "prox_elastic_net", "prox_group_lasso",
     "prox_ridge", "prox_non_negative_ridge", "make_prox_from_projection",
@@ -100,5 +106,5 @@ __all__ = [
     "OptStep", "GradientDescent", "ProximalGradient", "ProjectedGradient", "ProxGradState",
     "MirrorDescent", "MirrorDescentState", "BlockCoordinateDescent", "BlockCDState", "Newton", "NewtonState",
     "GaussNewton", "GaussNewtonState", "FixedPointIteration", "FixedPointState", "AndersonAcceleration",
-    "AndersonState", "ConicSolver", "ConicQP", "ConicState",
+    "AndersonState", "ConicSolver", "ConicQP", "ConicState", "InfeasibleProblemError", "InfeasibleProblemWarning",
 ]

@@ -6,7 +6,13 @@ One module per solver family; every ``run`` returns an :class:`~mdsens.optim.Opt
 
 from mdsens.optim.solvers.base import OptStep
 from mdsens.optim.solvers.block_cd import BlockCDState, BlockCoordinateDescent
-from mdsens.optim.solvers.conic import ConicQP, ConicSolver, ConicState
+from mdsens.optim.solvers.conic import (
+    ConicQP,
+    ConicSolver,
+    ConicState,
+    InfeasibleProblemError,
+    InfeasibleProblemWarning,
+)
 from mdsens.optim.solvers.fixed_point import (
     AndersonAcceleration,
     AndersonState,
@@ -21,5 +27,5 @@ __all__ = [
     "OptStep", "GradientDescent", "ProximalGradient", "ProjectedGradient", "ProxGradState", "MirrorDescent",
     "MirrorDescentState", "BlockCoordinateDescent", "BlockCDState", "Newton", "NewtonState", "GaussNewton",
     "GaussNewtonState", "FixedPointIteration", "FixedPointState", "AndersonAcceleration", "AndersonState",
-    "ConicSolver", "ConicQP", "ConicState",
+    "ConicSolver", "ConicQP", "ConicState", "InfeasibleProblemError", "InfeasibleProblemWarning",
 ]

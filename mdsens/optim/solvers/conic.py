@@ -9,8 +9,22 @@ the root ``z = (x, y − s)`` of the :func:`~mdsens.optim.conic` residual map;
     u = Π(z),   ũ = (I + M)⁻¹ (2u − z − q),   z ← z + ũ − u
 
 with ``M = [[P, Aᵀ], [−A, 0]]`` monotone, so it converges for any feasible, bounded
-problem (no infeasibility detection: an infeasible problem runs to ``maxiter``). ``I + M``
-is factorized once per run (dense: small problems). ``ConicQP`` is the same solver with
+problem. ``I + M`` is factorized once per run (dense: small problems).
+
+**Infeasibility.** When no solution exists, Douglas–Rachford iterates diverge linearly
+and the step ``δz = z_{k+1} − z_k`` converges to the minimal displacement vector, whose
+parts are certificates (Banjac, Goulart, Stellato & Boyd, JOTA 2019; in the homogeneous
+self-dual embedding of SCS these are the rays with ``τ → 0``, ``κ > 0``)::
+
+    primal infeasible (Farkas):   δy ∈ K*,  Aᵀδy = 0,  bᵀδy < 0
+    dual infeasible (unbounded):  Pδx = 0,  −Aδx ∈ K,  cᵀδx < 0
+
+with ``δy`` the step of ``y = Π_K*(w)`` and ``δx`` that of ``x``. Each iteration tests
+both, relative to ``‖δy‖∞`` (or ``‖δx‖∞``) at ``infeasibility_tol``; a certificate stops
+the loop with ``state.status`` 1 or 2 (names in :data:`STATUS`) and, with concrete
+values, :class:`InfeasibleProblemError` (``on_failure="raise"``) or its warning. Inside
+``jit`` read ``state.status``. The residual map itself stays the ``τ = 1`` one, the
+condition the solution is differentiated through. ``ConicQP`` is the same solver with
 JAXopt's QP calling convention and a :class:`~mdsens.optim.KKTSolution` result. Both
 differentiate through the conic residual map (GMRES), w.r.t. ``P, c, A, b``.
 """
@@ -22,20 +36,44 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
+from jax import lax
 
 from mdsens import errors
+from mdsens.optim import validation
 from mdsens.optim.solvers import base
+from mdsens.optim.tree_util import tree_where
 from mdsens.optim.conditions import Cone, KKTSolution, conic, conic_solution
 
-__all__ = ["ConicState", "ConicSolver", "ConicQP"]
+__all__ = ["ConicState", "ConicSolver", "ConicQP", "InfeasibleProblemError", "InfeasibleProblemWarning",
+           "STATUS"]
+
+#: ``state.status`` → its meaning. 0 also while the loop runs; 3: ``maxiter`` reached
+#: without a solution or a certificate (not reported: the root check of the
+#: derivative refuses such a point).
+STATUS = ("solved", "primal infeasible", "dual infeasible", "maxiter reached")
+_RUNNING, _PRIMAL_INFEASIBLE, _DUAL_INFEASIBLE, _MAXITER = range(4)
+
+
+class InfeasibleProblemError(errors.RootError):
+    """The cone program has no solution: its constraints are empty (primal infeasible) or
+    its objective is unbounded below (dual infeasible); the message gives the certificate."""
+
+
+class InfeasibleProblemWarning(errors.RootWarning):
+    """Issued instead of :class:`InfeasibleProblemError` when ``on_failure="warn"``."""
 
 
 class ConicState(NamedTuple):
     """``iter_num``; ``error = ‖F(z)‖``, the residual of the conic map (primal and dual
-    infeasibility, complementarity) at ``params``."""
+    infeasibility, complementarity) at ``params``; ``status``, an index into
+    :data:`STATUS`; ``certificate``, the last ``(δx, δy)`` (at ``status`` 1 the Farkas
+    ray ``δy``, at 2 the unbounded direction ``δx``)."""
 
     iter_num: Any
     error: Any
+    status: Any = 0
+    certificate: Any = None
 
 
 def _check_problem(cone, P, c, A, b):
@@ -55,6 +93,53 @@ def _check_problem(cone, P, c, A, b):
     return c, A, b
 
 
+def _max_abs(v):
+    return jnp.max(jnp.abs(v), initial=0.0)
+
+
+def _project_cone(cone, s):
+    """``Π_K(s)``: ``0`` on the zero cone, ``max(s, 0)`` on the orthant, the SOC projection."""
+    return jnp.concatenate([jnp.zeros_like(s[: cone.zero]), cone.project_dual(s)[cone.zero:]])
+
+
+def _iterate(update, init, maxiter, tol, unroll):
+    """:func:`base.iterate`, also stopped by an infeasibility certificate (``status ≠ 0``)."""
+
+    def running(step):
+        return (step.state.error > tol) & (step.state.iter_num < maxiter) & (step.state.status == _RUNNING)
+
+    if unroll:
+        def body(_, step):
+            return tree_where(running(step), base.OptStep(*update(*step)), step)
+
+        return lax.fori_loop(0, maxiter, body, init)
+    return lax.while_loop(running, lambda step: base.OptStep(*update(*step)), init)
+
+
+def report_status(state, policy: str, what: str = "the cone program") -> None:
+    """Raise (warn, ignore: ``policy``) if ``state.status`` names a certificate of infeasibility.
+
+    Concrete states only (a traced status is left to the caller: read ``state.status``).
+    """
+    if not validation.is_concrete(state.status) or jnp.ndim(state.status) != 0:
+        return
+    status = int(state.status)
+    if status == _PRIMAL_INFEASIBLE:
+        dy = np.asarray(state.certificate[1])
+        message = (f"{what} is primal infeasible: no x satisfies its constraints (Ax + s = b, s in K; for a QP "
+                   f"Ax = b, Gx <= h). Certificate: y in K* with A^T y = 0 and b.y < 0, y = "
+                   f"{np.array2string(dy / np.max(np.abs(dy)), precision=3)} (scaled to max|y| = 1). Change b (h) "
+                   "or drop a constraint.")
+    elif status == _DUAL_INFEASIBLE:
+        dx = np.asarray(state.certificate[0])
+        message = (f"{what} is dual infeasible: its objective is unbounded below along the feasible direction "
+                   f"d = {np.array2string(dx / np.max(np.abs(dx)), precision=3)} (Pd = 0, -Ad in K, c.d < 0; "
+                   "scaled to max|d| = 1). Bound the variables or add a constraint.")
+    else:
+        return
+    errors.report(policy, message, InfeasibleProblemError, InfeasibleProblemWarning, stacklevel=4)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ConicSolver:
     """Douglas–Rachford (SCS-type) solver of ``min ½xᵀPx + cᵀx`` s.t. ``Ax + s = b, s ∈ K``.
@@ -62,6 +147,7 @@ class ConicSolver:
     Attributes:
       cone: a :class:`~mdsens.optim.Cone` (rows of ``A``: zero, non-negative, SOC).
       maxiter, tol: stop when ``‖F(z)‖ ≤ tol``.
+      infeasibility_tol: relative tolerance of the certificate tests (module docstring).
       implicit_diff, solve / implicit_diff_solve, jit, on_failure: as
         :class:`~mdsens.optim.ProximalGradient` (default linear solver GMRES).
 
@@ -72,6 +158,7 @@ class ConicSolver:
     cone: Cone
     maxiter: int = 20000
     tol: float = 1e-10
+    infeasibility_tol: float = 1e-7
     implicit_diff: bool = True
     solve: Optional[Callable] = None
     implicit_diff_solve: Optional[Callable] = None
@@ -80,6 +167,7 @@ class ConicSolver:
 
     def __post_init__(self):
         base.check_common_options(self)
+        validation.check_tolerance(self.infeasibility_tol, "infeasibility_tol")
         base.set_attribute(self, "_F", conic(self.cone))
         run = base.build_run(self._loop, implicit_diff=self.implicit_diff, optimality_fun=self._F,
                              solve=base.resolve_solve(self.solve, self.implicit_diff_solve, "general"),
@@ -103,15 +191,40 @@ class ConicSolver:
             dual, primal = self._F((z[:n], z[n:]), P, c, A, b)
             return jnp.sqrt(jnp.sum(dual ** 2) + jnp.sum(primal ** 2))
 
+        def certificate_status(dx, dy):
+            # The steps of x and y = Π_K*(w) tend to the minimal displacement: test them
+            # as a Farkas ray (primal) and as an unbounded direction (dual), relative to
+            # their size and the data's, so that the tests do not depend on scaling.
+            eps = self.infeasibility_tol
+            size_y = _max_abs(dy)
+            primal = ((_max_abs(A.T @ dy) <= eps * a_scale * size_y)
+                      & (_max_abs(dy - self.cone.project_dual(dy)) <= eps * size_y)
+                      & (b @ dy < -eps * b_scale * size_y))
+            size_x = _max_abs(dx)
+            s_ray = -A @ dx  # the slack of an unbounded direction, in K
+            flat = True if P is None else _max_abs(P @ dx) <= eps * p_scale * size_x
+            dual = (flat
+                    & (_max_abs(s_ray - _project_cone(self.cone, s_ray)) <= eps * a_scale * size_x)
+                    & (c @ dx < -eps * c_scale * size_x))
+            return jnp.where(primal, _PRIMAL_INFEASIBLE, jnp.where(dual, _DUAL_INFEASIBLE, _RUNNING))
+
         def update(z, state):
             u = project(z)
             u_tilde = jsl.lu_solve(factor, 2 * u - z - q)
             nxt = z + u_tilde - u
-            return nxt, ConicState(state.iter_num + 1, residual_norm(nxt))
+            dx, dy = nxt[:n] - z[:n], self.cone.project_dual(nxt[n:]) - u[n:]
+            return nxt, ConicState(state.iter_num + 1, residual_norm(nxt), certificate_status(dx, dy), (dx, dy))
 
+        a_scale = jnp.maximum(_max_abs(A), 1e-300)
+        b_scale = jnp.maximum(_max_abs(b), 1e-300)
+        c_scale = jnp.maximum(_max_abs(c), 1e-300)
+        p_scale = 1.0 if P is None else jnp.maximum(_max_abs(P), 1e-300)
         z0 = jnp.concatenate([jnp.asarray(init_params[0], dtype), jnp.asarray(init_params[1], dtype)])
-        init = base.OptStep(z0, ConicState(jnp.asarray(0), jnp.asarray(jnp.inf, dtype)))
-        z, state = base.iterate(update, init, self.maxiter, self.tol, unroll)
+        init = base.OptStep(z0, ConicState(jnp.asarray(0), jnp.asarray(jnp.inf, dtype), jnp.asarray(_RUNNING),
+                                           (jnp.zeros(n, dtype), jnp.zeros(m, dtype))))
+        z, state = _iterate(update, init, self.maxiter, self.tol, unroll)
+        unfinished = (state.status == _RUNNING) & ~(state.error <= self.tol)
+        state = state._replace(status=jnp.where(unfinished, _MAXITER, state.status))
         return base.OptStep((z[:n], z[n:]), state)
 
     def run(self, init_params, P, c, A, b) -> base.OptStep:
@@ -119,7 +232,9 @@ class ConicSolver:
         c, A, b = _check_problem(self.cone, P, c, A, b)
         if init_params is None:
             init_params = (jnp.zeros_like(c), jnp.zeros_like(b))
-        return self._run(init_params, P, c, A, b)
+        step = self._run(init_params, P, c, A, b)
+        report_status(step.state, self.on_failure)
+        return step
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -137,6 +252,7 @@ class ConicQP:
 
     maxiter: int = 20000
     tol: float = 1e-10
+    infeasibility_tol: float = 1e-7
     implicit_diff: bool = True
     solve: Optional[Callable] = None
     implicit_diff_solve: Optional[Callable] = None
@@ -145,18 +261,30 @@ class ConicQP:
 
     def __post_init__(self):
         base.check_common_options(self)
+        validation.check_tolerance(self.infeasibility_tol, "infeasibility_tol")
         base.set_attribute(self, "_solvers", {})
 
     def _solver(self, cone):
         if cone not in self._solvers:
             self._solvers[cone] = ConicSolver(cone, maxiter=self.maxiter, tol=self.tol,
+                                              infeasibility_tol=self.infeasibility_tol,
                                               implicit_diff=self.implicit_diff, solve=self.solve,
                                               implicit_diff_solve=self.implicit_diff_solve, jit=self.jit,
                                               on_failure=self.on_failure)
         return self._solvers[cone]
 
     def run(self, init_params=None, params_obj=None, params_eq=None, params_ineq=None) -> base.OptStep:
-        """Solve the QP; ``init_params`` is ignored unless a :class:`KKTSolution` (warm start)."""
+        """Solve the QP; ``init_params`` is ignored unless a :class:`KKTSolution` (warm start).
+
+        Raises :class:`InfeasibleProblemError` (per ``on_failure``, concrete values) when
+        a certificate shows the constraints empty or the objective unbounded below.
+        """
+        step = self.solve_unchecked(init_params, params_obj, params_eq, params_ineq)
+        report_status(step.state, self.on_failure, "the QP")
+        return step
+
+    def solve_unchecked(self, init_params=None, params_obj=None, params_eq=None, params_ineq=None) -> base.OptStep:
+        """:meth:`run` without the infeasibility report: the caller reads ``state.status``."""
         if params_obj is None:
             raise errors.OptionError("ConicQP.run needs params_obj=(Q, c) (Q may be None for an LP).")
         Q, c = params_obj
@@ -183,7 +311,9 @@ class ConicQP:
             duals = [d for d in (init_params.dual_eq, init_params.dual_ineq) if d is not None]
             w = jnp.concatenate(duals) if duals else jnp.zeros((0,), c.dtype)
             init = (jnp.asarray(init_params.primal, c.dtype), w)
-        z, state = self._solver(cone).run(init, Q, c, A, b)
+        solver = self._solver(cone)
+        c, A, b = _check_problem(cone, Q, c, A, b)
+        z, state = solver._run((jnp.zeros_like(c), jnp.zeros_like(b)) if init is None else init, Q, c, A, b)
         x, y, _ = conic_solution(z, cone)
         solution = KKTSolution(x, y[:p_eq] if params_eq is not None else None,
                                y[p_eq:] if params_ineq is not None else None)
