@@ -424,7 +424,8 @@ def kl_mirror_step(x, grad, stepsize, value=1.0):
 
 
 class SinkhornPotentials(NamedTuple):
-    """Dual potentials ``(f, g)`` of a KL transport projection, ``P = exp(S + f ⊕ g)``."""
+    """Dual potentials ``(f, g)`` of a transport projection: ``P = exp(S + f ⊕ g)`` (KL) or
+    ``P = relu(S + f ⊕ g)`` (Euclidean)."""
 
     f: jnp.ndarray
     g: jnp.ndarray
