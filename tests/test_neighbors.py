@@ -175,3 +175,79 @@ def test_host_allocation_equals_jax_md_allocation(periodic):
     updated = jax.jit(lambda R, nb: nl.update(R, nb, system.cell if periodic else None))(moved, ours)
     reference = nl._fns.allocate(nl._frac(moved, system.cell if periodic else None)[0], **kw)
     assert pairs(updated.idx) == pairs(reference.idx) and not updated.needs_reallocation()
+
+
+# ------------------------------------------------------------------- short lists
+def si_vacancy(repeat=2, rattle=0.02, seed=0):
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat(repeat)
+    del atoms[0]
+    atoms.positions += rattle * np.random.default_rng(seed).normal(size=atoms.positions.shape)
+    return ms.System.from_ase(atoms)
+
+
+def short_list_fn(pot, system):
+    return pot.neighbor_list_fn(system, short_skin=neighbors.SHORT_SKIN_FRACTION * pot.cutoff())
+
+
+def test_short_list_holds_exactly_the_pairs_within_its_radius():
+    from ase.neighborlist import neighbor_list
+
+    system = si_vacancy()
+    pot = ms.potentials.StillingerWeber()
+    nl = short_list_fn(pot, system)
+    nbrs = nl.allocate(system.positions, system.cell, short=True)
+    assert nbrs.short is not None and nbrs.short.idx.shape[1] <= neighbors.SHORT_MAX_FILL * nbrs.idx.shape[1]
+    i, j = neighbor_list("ij", system.to_ase(), nl.short_radius)  # ASE's own list: the truth
+    idx = np.asarray(nbrs.short.idx)
+    ours = {(a, int(b)) for a in range(system.n_atoms) for b in idx[a] if b < system.n_atoms}
+    assert ours == set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("strain", [0.0, 0.004])
+def test_short_list_energy_equals_dense_along_a_path_of_updates(strain):
+    """Small moves keep the short list, larger ones (and box strain) rebuild it; the
+    energy and forces with it equal the all-pairs path at every point."""
+    system = si_vacancy()
+    pot = ms.potentials.StillingerWeber()
+    nl = short_list_fn(pot, system)
+    nbrs = nl.allocate(system.positions, system.cell, short=True)
+    update = jax.jit(nl.update)
+    with_list = jax.jit(jax.value_and_grad(pot.energy_fn(system, neighbor_list=True)))
+    all_pairs = jax.jit(jax.value_and_grad(pot.energy_fn(system, neighbor_list=False)))
+    rng = np.random.default_rng(5)
+    rebuilt = 0
+    for k in range(8):
+        F = np.eye(3) * (1 + strain * k)
+        R = (system.positions + 0.003 * k * rng.normal(size=system.positions.shape)) @ F
+        cell = system.cell @ F
+        new = update(R, nbrs, cell)
+        assert not new.needs_reallocation()
+        rebuilt += int(not np.array_equal(np.asarray(new.short.reference), np.asarray(nbrs.short.reference)))
+        (e, g), (e_ref, g_ref) = with_list(R, pot.params, cell, new), all_pairs(R, pot.params, cell)
+        assert_same((float(e), np.asarray(g)), (float(e_ref), np.asarray(g_ref)))
+        nbrs = new
+    assert 0 < rebuilt < 8
+
+
+def test_short_list_overflow_sets_the_list_flag():
+    system = si_vacancy(rattle=0.0)
+    pot = ms.potentials.StillingerWeber()
+    nl = short_list_fn(pot, system)
+    nbrs = nl.allocate(system.positions, system.cell, short=True)
+    K = nbrs.short.idx.shape[1]
+    # 3 % compression brings the second shell (3.84 Å) inside the cutoff (3.77 Å): 16 pairs
+    squeezed = system.replace(positions=system.positions * 0.97, cell=system.cell * 0.97)
+    new = jax.jit(nl.update)(squeezed.positions, nbrs, squeezed.cell)
+    assert K < 16 and bool(new.did_buffer_overflow) and new.needs_reallocation()
+
+
+def test_relaxation_with_short_lists_matches_the_dense_relaxation():
+    """L-BFGS with short lists (forced neighbor lists) and without lists (all pairs)
+    reach the same minimum; the list handed back carries no short list."""
+    system = si_vacancy()
+    pot = ms.potentials.StillingerWeber()
+    with_lists = ms.relax(system, pot, fmax=1e-9, neighbor_list=True)
+    dense = ms.relax(system, pot, fmax=1e-9, neighbor_list=False)
+    assert with_lists.neighbor.short is None
+    assert abs(float(with_lists.energy) - float(dense.energy)) < 1e-10
+    np.testing.assert_allclose(np.asarray(with_lists.system.positions), np.asarray(dense.system.positions), atol=1e-8)

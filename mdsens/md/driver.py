@@ -30,7 +30,7 @@ import numpy as np
 from mdsens._config import require_x64
 from mdsens.md import minimize, neighbors
 from mdsens.md.errors import NotConvergedWarning, RelaxError
-from mdsens.md.options import DEFAULT_MINIMIZER, as_minimizer, as_neighbor_list
+from mdsens.md.options import DEFAULT_MINIMIZER, LBFGS, GradientDescent, as_minimizer, as_neighbor_list
 from mdsens.md.progress import progress_bar, progress_enabled
 from mdsens.md.strain import energy_forces_stress
 from mdsens.md.system import System
@@ -100,6 +100,10 @@ class HostRelaxation:
         self.template = system
         self.relax_cell = bool(relax_cell)
         self.use_nl = uses_neighbor_list(pot, system.n_atoms, self.neighbor_options)
+        # Short lists are exact only where every energy is evaluated at the positions the
+        # list was just updated to: L-BFGS and gradient descent do that, FIRE does not
+        # (it updates, then moves the atoms, then evaluates).
+        self.short_lists = isinstance(self.minimizer, (LBFGS, GradientDescent))
         cf = self.minimizer.cell_factor
         self.cell_factor = float(system.n_atoms if cf is None else cf)
         self.energy_fn = pot.energy_fn(system, neighbor_list=self.use_nl)
@@ -138,7 +142,8 @@ class HostRelaxation:
         cutoff = float(self.pot.cutoff(params))
         nl = self._nl
         if nl is None or nl.cutoff < cutoff:
-            nl = self.pot.neighbor_list_fn(system, params, **self.neighbor_options.kwargs())
+            short_skin = neighbors.SHORT_SKIN_FRACTION * cutoff if self.short_lists else 0.0
+            nl = self.pot.neighbor_list_fn(system, params, short_skin=short_skin, **self.neighbor_options.kwargs())
         return nl
 
     def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
@@ -172,7 +177,8 @@ class HostRelaxation:
             if nl is None:
                 return None
             R, cell = self.problem.physical(X, cell_ref)
-            return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra), self._cell_list_fns)
+            return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra, short=self.short_lists),
+                                             self._cell_list_fns)
 
         state = init(X0, params, cell_ref, allocate(X0))
         confirmed = None  # the fresh list that confirmed convergence, at the final positions
@@ -241,7 +247,9 @@ class HostRelaxation:
             self.pot.check(relaxed, params)  # the cell may have shrunk below 2 x cutoff
         neighbor = None
         if confirmed is not None and not self.relax_cell:
-            neighbor = confirmed  # built at exactly these positions, and evaluated there
+            # built at exactly these positions, and evaluated there; its short list stays
+            # in the loop (valid only where the loop updates it)
+            neighbor = confirmed.without_short()
         else:
             evaluated = None
             if nl is not None:  # unconfirmed, or the rotation removed from the cell moved every atom

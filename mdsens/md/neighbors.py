@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from mdsens.md._jax_md import partition, space
 
 from mdsens.md.errors import NeighborListError
@@ -48,6 +49,16 @@ DENSE_BUILD_MAX_ATOMS = 5000
 #: Up to this many atoms a list is allocated on the host (numpy, all pairs): cheaper
 #: than the one-off compilations of jax-md's eager allocation, which pays off above it.
 HOST_ALLOCATION_MAX_ATOMS = 512
+#: Skin of the short list (LAMMPS's ``neighshort``), relative to the cutoff. Small,
+#: because diamond Si's second shell (3.84 Å) lies just beyond the SW cutoff (3.77 Å):
+#: on a start rattled by 0.02 Å, a skin of 1 % of the cutoff puts up to 9 pairs in a
+#: row, this one up to 7 (4 interact). Rebuilds are cheap (one pass over the list).
+SHORT_SKIN_FRACTION = 0.0025
+#: Spare slots of a short list beyond the largest count at its allocation.
+SHORT_SLACK = 1
+#: A short list is kept only if it needs at most this fraction of the list's slots;
+#: otherwise (pair potentials with a thin skin) it would save less than it costs.
+SHORT_MAX_FILL = 0.5
 
 
 def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS) -> bool:
@@ -68,6 +79,20 @@ def metric_box(cell):
     return signs[:, None] * r
 
 
+class ShortList(NamedTuple):
+    """The pairs within ``cutoff + short_skin`` at the last short build (a pytree).
+
+    Attributes:
+      idx: ``(N, K)`` neighbor indices, padding ``N``: the list's pairs that interact.
+      reference: ``(N, d)`` positions at the build (fractional if periodic).
+      box: metric box at the build ``(d, d)``; ``None`` if free.
+    """
+
+    idx: jax.Array
+    reference: jax.Array
+    box: Optional[jax.Array]
+
+
 @jax.tree_util.register_pytree_node_class
 class Neighbors:
     """A neighbor list in the state mdsens tracks (a pytree; pass it as ``neighbor=``).
@@ -77,20 +102,31 @@ class Neighbors:
       reference_box: metric box at the last (re)build, ``(d, d)``; ``None`` if free.
       cutoff: interaction range (Å) the list covers (static).
       skin: motion allowance (Å) of the list (static).
+      short: a :class:`ShortList` that energies use instead of ``nbrs.idx``, or ``None``.
+        Only the relaxation loop carries one (:meth:`NeighborListFn.update` keeps it
+        exact at the positions it is updated to); lists handed to users never do.
+      short_skin: motion allowance (Å) of ``short`` (static).
     """
 
-    def __init__(self, nbrs, reference_box, cutoff: float, skin: float = 0.0):
+    def __init__(self, nbrs, reference_box, cutoff: float, skin: float = 0.0, short=None,
+                 short_skin: float = 0.0):
         self.nbrs = nbrs
         self.reference_box = reference_box
         self.cutoff = float(cutoff)
         self.skin = float(skin)
+        self.short = short
+        self.short_skin = float(short_skin)
 
     def tree_flatten(self):
-        return (self.nbrs, self.reference_box), (self.cutoff, self.skin)
+        return (self.nbrs, self.reference_box, self.short), (self.cutoff, self.skin, self.short_skin)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], children[1], *aux)
+        return cls(children[0], children[1], aux[0], aux[1], children[2], aux[2])
+
+    def without_short(self) -> "Neighbors":
+        """The same list without its short list (what may leave the relaxation loop)."""
+        return Neighbors(self.nbrs, self.reference_box, self.cutoff, self.skin)
 
     @property
     def idx(self):
@@ -194,6 +230,12 @@ def neighbor_idx(neighbor):
     return neighbor.idx
 
 
+def pair_idx(neighbor):
+    """The indices an energy reads: the short list's where there is one, else ``idx``."""
+    short = getattr(neighbor, "short", None)
+    return neighbor_idx(neighbor) if short is None else short.idx
+
+
 def overflow_capacity(neighbor) -> int:
     """Extra slots for the reallocation of an overflowed list: its capacity doubles (at
     least 8 more), since every new shape costs a recompilation."""
@@ -219,7 +261,8 @@ def stable_metadata(neighbor, cell_list_fns: dict):
     box = neighbor.reference_box
     key = (None if box is None else np.asarray(box).tobytes(), repr(size))
     changes["cell_list_fn"] = cell_list_fns.setdefault(key, nbrs.cell_list_fn)
-    return Neighbors(dataclasses.replace(nbrs, **changes), neighbor.reference_box, neighbor.cutoff, neighbor.skin)
+    return Neighbors(dataclasses.replace(nbrs, **changes), neighbor.reference_box, neighbor.cutoff, neighbor.skin,
+                     neighbor.short, neighbor.short_skin)
 
 
 def check_valid(neighbor, system: System, cutoff: float, where: str = "this computation") -> None:
@@ -295,11 +338,18 @@ class NeighborListFn:
     capacity_multiplier: float
     cell_list: bool
     _fns: object = dataclasses.field(repr=False, compare=False)
+    #: motion allowance (Å) of the short lists this function keeps (0: none).
+    short_skin: float = 0.0
 
     @property
     def list_radius(self) -> float:
         """Pairs closer than this at the last build are in the list (Å)."""
-        return self.cutoff + self.margin + self.skin
+        return self.cutoff + self.short_skin + self.margin + self.skin
+
+    @property
+    def short_radius(self) -> float:
+        """Pairs closer than this at the last short build are in the short list (Å)."""
+        return self.cutoff + self.short_skin
 
     @property
     def max_strain(self) -> float:
@@ -316,8 +366,12 @@ class NeighborListFn:
         frac = jnp.mod(frac, 1.0)
         return frac, {"box": metric_box(cell)}
 
-    def allocate(self, positions, cell=None, extra_capacity: int = 0) -> Neighbors:
-        """Build a list from scratch (host; not jit-able: the capacity is data-dependent)."""
+    def allocate(self, positions, cell=None, extra_capacity: int = 0, short: bool = False) -> Neighbors:
+        """Build a list from scratch (host; not jit-able: the capacity is data-dependent).
+
+        ``short=True`` (with ``short_skin > 0``) adds a :class:`ShortList` when it pays
+        (:data:`SHORT_MAX_FILL`); ``extra_capacity`` enlarges it too.
+        """
         if self.cell_list and self.n_atoms > HOST_ALLOCATION_MAX_ATOMS:
             x, kw = self._frac(positions, cell)
             nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
@@ -326,7 +380,57 @@ class NeighborListFn:
         out = Neighbors(nbrs, kw.get("box"), self.cutoff, self.skin)
         if out.needs_reallocation():  # cannot happen for a fresh list; never ignore it
             raise NeighborListError(f"freshly allocated neighbor list reports an error: {nbrs.error}")
+        if short and self.short_skin > 0:
+            out = self._with_short(out, positions, cell, extra_capacity)
         return out
+
+    def _with_short(self, neighbor: Neighbors, positions, cell, extra_capacity: int) -> Neighbors:
+        x, kw = self._frac(positions, cell)
+        x, box = np.asarray(x), kw.get("box")
+        candidates = np.asarray(neighbor.idx)
+        counts = _host_pairs_within(x, None if box is None else np.asarray(box), candidates,
+                                    self.short_radius).sum(axis=1)
+        K = INTERACTING_CAPACITY_STEP * -(-(int(counts.max(initial=0)) + SHORT_SLACK + extra_capacity)
+                                          // INTERACTING_CAPACITY_STEP)
+        if K > SHORT_MAX_FILL * candidates.shape[1]:
+            return neighbor
+        short_idx, _ = self._short_build(jnp.asarray(x), box, neighbor.idx, K)
+        short = ShortList(short_idx, jnp.asarray(x), box)
+        return Neighbors(neighbor.nbrs, neighbor.reference_box, self.cutoff, self.skin, short, self.short_skin)
+
+    def _short_build(self, x, box, idx, capacity: int):
+        """``(idx (N, capacity), overflowed)``: the pairs of ``idx`` within the short radius
+        at ``x``, in list order (jit-able; a cumulative count places them, no sort)."""
+        n = idx.shape[0]
+        d = x[:, None, :] - jnp.take(x, jnp.minimum(idx, n - 1), axis=0)
+        if box is not None:
+            d = (d - jnp.floor(d + 0.5)) @ jnp.asarray(box).T
+        rows = jnp.arange(n)[:, None]
+        within = (idx < n) & (idx != rows) & (jnp.sum(d * d, axis=-1) < self.short_radius ** 2)
+        slot = jnp.cumsum(within, axis=1) - 1
+        target = jnp.where(within & (slot < capacity), slot, capacity)  # column `capacity`: discarded
+        short = jnp.full((n, capacity + 1), n, idx.dtype).at[rows, target].set(idx)[:, :capacity]
+        return short, jnp.any(slot[:, -1] >= capacity)
+
+    def _short_update(self, x, box, idx, short: ShortList):
+        """The short list valid at ``x`` (rebuilt if an atom moved or the box deformed too
+        much since its build) and whether it overflowed."""
+        ds = x - short.reference
+        strain = 0.0
+        if box is not None:
+            ds = (ds - jnp.floor(ds + 0.5)) @ box.T
+            strain = jnp.linalg.norm(box @ jnp.linalg.inv(short.box) - jnp.eye(box.shape[0], dtype=box.dtype), ord=2)
+        moved = jnp.sqrt(jnp.max(jnp.sum(ds * ds, axis=1)))
+        # A pair beyond the short radius at the build is now at least
+        # radius (1 - strain) - 2 moved: outside the cutoff while this stays below the skin.
+        stale = 2.0 * moved + strain * self.short_radius > self.short_skin
+        capacity = short.idx.shape[1]
+
+        def rebuild(_):
+            new_idx, overflowed = self._short_build(x, box, idx, capacity)
+            return ShortList(new_idx, x, box), overflowed
+
+        return lax.cond(stale, rebuild, lambda _: (short, jnp.zeros((), bool)), None)
 
     def _allocate_all_pairs(self, positions, cell, extra_capacity):
         """jax-md's allocation without a cell list, in numpy: the same list (pairs closer
@@ -382,7 +486,12 @@ class NeighborListFn:
         if self.periodic:
             rebuilt = jnp.any(new.reference_position != nbrs.reference_position)
             ref_box = jnp.where(rebuilt, kw["box"], ref_box)
-        return Neighbors(new, ref_box, self.cutoff, self.skin)
+        short = neighbors.short
+        if short is not None:
+            short, overflowed = self._short_update(x, kw.get("box"), new.idx, short)
+            # the host reallocates on this flag, as for the list itself (refresh, driver)
+            new = dataclasses.replace(new, error=new.error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, overflowed))
+        return Neighbors(new, ref_box, self.cutoff, self.skin, short, neighbors.short_skin)
 
 
 def _use_cell_list(system: System, radius: float) -> bool:
@@ -407,7 +516,7 @@ def _use_cell_list(system: System, radius: float) -> bool:
 
 
 def neighbor_list_fn(system: System, cutoff: float, *, skin: Optional[float] = None, margin: Optional[float] = None,
-                     capacity_multiplier: float = 1.25) -> NeighborListFn:
+                     capacity_multiplier: float = 1.25, short_skin: float = 0.0) -> NeighborListFn:
     """Neighbor-list functions for ``system`` and an interaction range ``cutoff`` (Å).
 
     Args:
@@ -416,6 +525,8 @@ def neighbor_list_fn(system: System, cutoff: float, *, skin: Optional[float] = N
       skin: motion allowance (Å, ``>= 0``); default ``0.1 * cutoff``.
       margin: box-deformation allowance (Å, ``>= 0``); default ``0.5 * skin``.
       capacity_multiplier: spare neighbor slots at allocation (jax-md's), ``>= 1``.
+      short_skin: motion allowance (Å) of short lists (``allocate(..., short=True)``);
+        the list's radius grows by it so that it always holds the short list's pairs.
 
     Raises:
       NeighborListError: a non-positive cutoff, a negative skin or margin, or a box so
@@ -431,24 +542,28 @@ def neighbor_list_fn(system: System, cutoff: float, *, skin: Optional[float] = N
             f"skin and margin must be >= 0 (a list must reach at least the cutoff); got skin={skin}, "
             f"margin={margin}."
         )
+    short_skin = float(short_skin)
+    if not (np.isfinite(short_skin) and short_skin >= 0):
+        raise NeighborListError(f"short_skin must be >= 0; got {short_skin}.")
     if not capacity_multiplier >= 1:
         raise NeighborListError(f"capacity_multiplier must be >= 1; got {capacity_multiplier}.")
     periodic = bool(system.pbc)
     if periodic:
         box0 = np.asarray(metric_box(system.cell))
-        cell_list = _use_cell_list(system, cutoff + margin + skin)
+        cell_list = _use_cell_list(system, cutoff + short_skin + margin + skin)
         displacement, _ = space.periodic_general(box0, fractional_coordinates=True)
-        fns = partition.neighbor_list(displacement, box0, cutoff + margin, dr_threshold=skin,
+        fns = partition.neighbor_list(displacement, box0, cutoff + short_skin + margin, dr_threshold=skin,
                                       capacity_multiplier=capacity_multiplier, fractional_coordinates=True,
                                       disable_cell_list=not cell_list, format=partition.Dense)
     else:
         cell_list = False
         displacement, _ = space.free()
-        fns = partition.neighbor_list(displacement, 1.0, cutoff + margin, dr_threshold=skin,
+        fns = partition.neighbor_list(displacement, 1.0, cutoff + short_skin + margin, dr_threshold=skin,
                                       capacity_multiplier=capacity_multiplier, disable_cell_list=True,
                                       format=partition.Dense)
     return NeighborListFn(cutoff=cutoff, skin=skin, margin=margin, periodic=periodic, n_atoms=system.n_atoms,
-                          capacity_multiplier=capacity_multiplier, cell_list=cell_list, _fns=fns)
+                          capacity_multiplier=capacity_multiplier, cell_list=cell_list, _fns=fns,
+                          short_skin=short_skin)
 
 
 def refresh(nl: Optional[NeighborListFn], neighbors: Optional[Neighbors], system: System, cutoff: float,
@@ -513,24 +628,30 @@ def interacting_neighbors(system: System, cutoff: float, neighbor=None) -> Neigh
         candidates = np.asarray(neighbor_idx(neighbor))
     else:
         candidates = np.broadcast_to(np.arange(n), (n, n))
-    reach = INTERACTING_MARGIN * float(cutoff)
-    rows = []
-    for start in range(0, n, _ROWS_PER_CHUNK):
+    near = _host_pairs_within(coords, None if cell is None else cell.T, candidates, INTERACTING_MARGIN * float(cutoff))
+    K = max(int(near.sum(axis=1).max(initial=0)), 1)
+    K = INTERACTING_CAPACITY_STEP * -(-K // INTERACTING_CAPACITY_STEP)
+    order = np.argsort(~near, axis=1, kind="stable")[:, :K]  # K may exceed the candidates
+    idx = np.full((n, K), n, dtype=np.int32)
+    idx[:, :order.shape[1]] = np.where(np.take_along_axis(near, order, axis=1),
+                                       np.take_along_axis(candidates, order, axis=1), n)
+    return NeighborIndices(jnp.asarray(idx))
+
+
+def _host_pairs_within(coords, box, candidates, radius: float) -> np.ndarray:
+    """``(N, M)`` bool: which candidate pairs are closer than ``radius`` (host, numpy).
+
+    ``coords`` are fractional when ``box`` (``(d, d)``, columns the lattice vectors) is
+    given, with the energy's minimum-image convention (:mod:`mdsens.md.space`), so that
+    exactly the pairs it sees are kept; Cartesian otherwise.
+    """
+    n = coords.shape[0]
+    near = np.zeros(candidates.shape, bool)
+    for start in range(0, n, _ROWS_PER_CHUNK):  # memory bound on the dense path
         cand = candidates[start:start + _ROWS_PER_CHUNK]
         own = np.arange(start, start + cand.shape[0])[:, None]
         d = coords[own] - coords[np.minimum(cand, n - 1)]
-        if periodic:
-            # the energy's minimum-image convention (mdsens.md.space), so that exactly
-            # the pairs it sees within the cutoff are kept
-            d = (d - np.floor(d + 0.5)) @ cell
-        near = (cand < n) & (cand != own) & (np.einsum("imd,imd->im", d, d) < reach * reach)
-        rows.append((cand, near))
-    K = max([int(near.sum(axis=1).max(initial=0)) for _, near in rows] + [1])
-    K = INTERACTING_CAPACITY_STEP * -(-K // INTERACTING_CAPACITY_STEP)
-    idx = np.full((n, K), n, dtype=np.int32)
-    for start, (cand, near) in zip(range(0, n, _ROWS_PER_CHUNK), rows):
-        order = np.argsort(~near, axis=1, kind="stable")[:, :K]  # K may exceed the candidates
-        kept = np.take_along_axis(near, order, axis=1)
-        idx[start:start + cand.shape[0], :order.shape[1]] = np.where(
-            kept, np.take_along_axis(cand, order, axis=1), n)
-    return NeighborIndices(jnp.asarray(idx))
+        if box is not None:
+            d = (d - np.floor(d + 0.5)) @ box.T
+        near[start:start + cand.shape[0]] = (cand < n) & (cand != own) & (np.einsum("imd,imd->im", d, d) < radius**2)
+    return near
