@@ -6,7 +6,8 @@ positions R* of a vacancy in a 2×2×2 cubic supercell (63 atoms) whose cell is 
 zero-stress one, (c) the relaxed-ion elastic constants C11, C12, C44. The fit starts 10 %
 off (ε, σ, λ all ×1.1) and minimizes the weighted sum of normalized squared residuals
 
-    L(θ) = (a₀(θ)/a₀* − 1)² + (1/3) Σ_IJ (C_IJ(θ)/C_IJ* − 1)² + Σ_i |R_i*(θ) − R_i^target|² / (N a₀*²)
+    L(θ) = (a₀(θ)/a₀* − 1)² + (1/3) Σ_IJ (C_IJ(θ)/C_IJ* − 1)²
+           + Σ_i |R_i*(θ) − R_i^target|² / (N a₀*²)
 
 with BFGS (scipy, Wolfe line search) in the relative parameters θ/θ_start.
 
