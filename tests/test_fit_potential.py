@@ -12,7 +12,7 @@ from conftest import assert_figure, number_after, run_example
 PUBLISHED = {"ε": 2.1683, "σ": 2.0951, "λ": 21.0}
 
 
-@pytest.mark.slow  # ~6.5 min on 2 busy shared cores, nearly all compiling (the fit itself ~2 s)
+@pytest.mark.slow  # 3-7 min on 2 busy shared cores, nearly all compiling (the fit itself ~2 s)
 def test_fit_potential_recovers_stillinger_weber_parameters(tmp_path):
     out = run_example("fit_potential.py", tmp_path, "--quick")
     assert_figure(tmp_path / "fit_potential.png")
