@@ -1,4 +1,4 @@
-"""The example scripts and the quickstart notebook run end to end and say true things.
+"""The example scripts run end to end and say true things (the notebooks: test_notebooks.py).
 
 Each example runs as a subprocess, as a user would (``python examples/X.py --out DIR``),
 must exit 0 and write its figure. Their printed checks are asserted against truths that
@@ -10,17 +10,14 @@ are independent of the code under test:
 * elastic: Stillinger–Weber Si constants from the literature.
 """
 
-import json
 import pathlib
 import re
-import sys
 
 import pytest
 from conftest import assert_figure, number_after, run_example
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-NOTEBOOKS = REPO / "notebooks"
 
 
 def test_packing_sensitivity_matches_finite_differences(tmp_path):
@@ -92,48 +89,3 @@ def test_every_example_is_tested():
               "jacobian_precision.py", "paper_md_sensitivity.py", "svm_hyperparameters.py",
               "dataset_distillation.py", "sparse_coding.py", "silicon_vacancy.py", "packing_ensemble.py"}
     assert scripts == tested, f"untested examples: {scripts - tested}"
-
-
-# ------------------------------------------------------------------------------- notebook
-@pytest.fixture
-def current_python_kernel(tmp_path, monkeypatch):
-    """A ``python3`` kernel spec that runs this interpreter (with mdsens installed),
-    ahead of any other ``python3`` spec on the machine (JUPYTER_PATH comes first)."""
-    pytest.importorskip("ipykernel", reason="ipykernel is not installed: pip install -e '.[test]'")
-    spec = tmp_path / "jupyter" / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (mdsens tests)", "language": "python",
-        "env": {"MPLBACKEND": "module://matplotlib_inline.backend_inline"},
-    }))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    return "python3"
-
-
-def test_quickstart_notebook_runs(current_python_kernel):
-    nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed: pip install -e '.[test]'")
-    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed: pip install -e '.[test]'")
-    path = NOTEBOOKS / "quickstart.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
-        "commit the notebook with its outputs cleared"
-
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name=current_python_kernel,
-                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.km = client.create_kernel_manager()
-    try:  # a kernel that cannot start is an environment problem, not a notebook bug
-        client.start_new_kernel()
-        client.start_new_kernel_client()
-    except Exception as exc:  # noqa: BLE001
-        if client.km is not None and client.km.has_kernel:
-            client._cleanup_kernel()
-        pytest.skip(f"no Jupyter kernel could be started here: {type(exc).__name__}: {exc}")
-    client.execute()  # reuses that kernel and shuts it down; a failing cell raises here
-
-    text = "\n".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
-    assert "converged = True" in text
-    assert "sensitivity w.r.t." in text and "relaxed-ion" in text
-    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2, "expected the elastic-matrix and arrow figures"
