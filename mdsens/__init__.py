@@ -12,6 +12,8 @@ from mdsens import data, linear_solve  # noqa: E402
 from mdsens.errors import (  # noqa: E402
     LinearSolveError,
     LinearSolveWarning,
+    InfeasibleProblemError,
+    InfeasibleProblemWarning,
     MdsensError,
     MdsensWarning,
     MissingFileError,

@@ -35,6 +35,8 @@ __all__ = [
     "NullSpaceWarning",
     "RootError",
     "RootWarning",
+    "InfeasibleProblemError",
+    "InfeasibleProblemWarning",
     "SingularJacobianError",
     "NonFiniteError",
     "FAILURE_POLICIES",
@@ -93,6 +95,15 @@ class RootError(MdsensError, RuntimeError):
 
 class RootWarning(MdsensWarning, RuntimeWarning):
     """Issued instead of :class:`RootError` when ``on_failure="warn"``."""
+
+
+class InfeasibleProblemError(RootError):
+    """The cone program has no solution: its constraints are empty (primal infeasible) or
+    its objective is unbounded below (dual infeasible); the message gives the certificate."""
+
+
+class InfeasibleProblemWarning(RootWarning):
+    """Issued instead of :class:`InfeasibleProblemError` when ``on_failure="warn"``."""
 
 
 class SingularJacobianError(MdsensError, ValueError):

@@ -249,6 +249,7 @@ def test_errors_keep_their_builtin_bases():
     assert issubclass(ms.OptimalityStructureError, TypeError)
     assert issubclass(ms.MissingFileError, FileNotFoundError)
     assert issubclass(ms.NotConvergedWarning, RuntimeWarning)
+    assert ms.InfeasibleProblemError is ms.optim.InfeasibleProblemError and issubclass(ms.InfeasibleProblemError, RuntimeError)
 
 
 def test_traced_checks_reraise_with_the_class_name():

@@ -55,13 +55,9 @@ STATUS = ("solved", "primal infeasible", "dual infeasible", "maxiter reached")
 _RUNNING, _PRIMAL_INFEASIBLE, _DUAL_INFEASIBLE, _MAXITER = range(4)
 
 
-class InfeasibleProblemError(errors.RootError):
-    """The cone program has no solution: its constraints are empty (primal infeasible) or
-    its objective is unbounded below (dual infeasible); the message gives the certificate."""
-
-
-class InfeasibleProblemWarning(errors.RootWarning):
-    """Issued instead of :class:`InfeasibleProblemError` when ``on_failure="warn"``."""
+# Defined with the other errors, so that ``ms.InfeasibleProblemError`` is flat like them.
+InfeasibleProblemError = errors.InfeasibleProblemError
+InfeasibleProblemWarning = errors.InfeasibleProblemWarning
 
 
 class ConicState(NamedTuple):
