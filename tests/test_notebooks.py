@@ -55,7 +55,8 @@ def check_silicon_vacancy(text, images):
     for key, ratio in (("E_linear", 4.0), ("Omega_linear", 4.0), ("E_at_prediction", 16.0)):
         got = number_after(text, f"prediction error ratio, {key} (5% / 2.5%):")
         assert abs(got - ratio) < 0.15 * ratio, text
-    assert number_after(text, "max difference [Å³/unit]:") < 1e-8, text
+    # dE_f/dθ by autodiff of the user observable through dR*/dθ vs dE*/dθ (differ by ∇E·dR*/dθ ~ fmax)
+    assert number_after(text, "max difference [eV/unit]:") < 1e-6, text
     # Monte Carlo of re-relaxations against the same draws through the linear model
     for key in ("E_f", "Omega_rel"):
         got = number_after(text, f"{key} Monte Carlo std / std of the same draws through the linear model:")
