@@ -500,20 +500,7 @@ def kl_projection_transport(sim_matrix, marginals, maxiter: int = 5000, tol: flo
       The plan ``P``, shape ``(m, n)``.
     """
     S = jnp.asarray(sim_matrix)
-    a, b = (jnp.asarray(m, S.dtype) for m in marginals)
-    validation.check_ndim(S, 2, "sim_matrix", "a matrix")
-    if a.shape != (S.shape[0],) or b.shape != (S.shape[1],):
-        raise errors.OptionError(
-            f"marginals must be (a, b) with shapes ({S.shape[0]},) and ({S.shape[1]},) for a sim_matrix of "
-            f"shape {S.shape}; got {a.shape} and {b.shape}."
-        )
-    validation.check_positive(a, "marginals[0]")
-    validation.check_positive(b, "marginals[1]")
-    if validation.is_concrete(a, b) and abs(float(a.sum() - b.sum())) > 1e-9 * float(a.sum()):
-        raise errors.OptionError(
-            f"the marginals must have the same total mass (Σa = {float(a.sum()):g}, Σb = {float(b.sum()):g}); "
-            "no transport plan exists otherwise. Rescale one of them."
-        )
+    a, b = _check_transport(S, marginals, "kl_projection_transport")
     maxiter = validation.check_positive_int(maxiter, "maxiter")
     tol = validation.check_tolerance(tol)
     init = SinkhornPotentials(jnp.zeros_like(a), jnp.zeros_like(b))
@@ -526,12 +513,18 @@ def kl_projection_birkhoff(sim_matrix, maxiter: int = 5000, tol: float = 1e-12):
 
     :func:`kl_projection_transport` with unit marginals; ``sim_matrix`` is ``(n, n)``.
     """
+    return kl_projection_transport(sim_matrix, _unit_marginals(sim_matrix, "kl_projection_birkhoff"),
+                                   maxiter=maxiter, tol=tol)
+
+
+def _unit_marginals(sim_matrix, name):
+    """The Birkhoff polytope's marginals ``(1, 1)`` for a square ``sim_matrix``."""
     S = jnp.asarray(sim_matrix)
     validation.check_ndim(S, 2, "sim_matrix", "a square matrix")
     if S.shape[0] != S.shape[1]:
-        raise errors.OptionError(f"kl_projection_birkhoff needs a square sim_matrix; got shape {S.shape}.")
+        raise errors.OptionError(f"{name} needs a square sim_matrix; got shape {S.shape}.")
     ones = jnp.ones(S.shape[0], S.dtype)
-    return kl_projection_transport(S, (ones, ones), maxiter=maxiter, tol=tol)
+    return ones, ones
 
 
 # ------------------------------------------------------------ Euclidean transport
@@ -667,9 +660,5 @@ def projection_birkhoff(sim_matrix, maxiter: int = 100, tol: float = 1e-12):
 
     :func:`projection_transport` with unit marginals; ``sim_matrix`` is ``(n, n)``.
     """
-    S = jnp.asarray(sim_matrix)
-    validation.check_ndim(S, 2, "sim_matrix", "a square matrix")
-    if S.shape[0] != S.shape[1]:
-        raise errors.OptionError(f"projection_birkhoff needs a square sim_matrix; got shape {S.shape}.")
-    ones = jnp.ones(S.shape[0], S.dtype)
-    return projection_transport(S, (ones, ones), maxiter=maxiter, tol=tol)
+    return projection_transport(sim_matrix, _unit_marginals(sim_matrix, "projection_birkhoff"),
+                                maxiter=maxiter, tol=tol)
