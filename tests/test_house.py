@@ -176,6 +176,12 @@ def _precision_error():
     pytest.fail(f"the subprocess printed {out!r}")
 
 
+def _unbounded_lp(**kw):
+    """min −x1 − x2 over x ≥ 0, x1 − x2 ≤ 1: unbounded along (1, 1)."""
+    G = np.array([[-1.0, 0.0], [0.0, -1.0], [1.0, -1.0]])
+    return ms.optim.ConicQP(**kw).run(None, (None, np.array([-1.0, -1.0])), None, (G, np.array([0.0, 0.0, 1.0])))
+
+
 ERROR_CASES = {
     "OptionError": lambda: ms.FIRE(dt_max=-1.0),
     "PrecisionError": _precision_error,
@@ -200,6 +206,7 @@ ERROR_CASES = {
     "SingularJacobianError": lambda: ms.jacobian_error.implicit_jacobian(
         lambda x, t: jnp.stack([x[0] - t, 0.0 * x[1]]), jnp.ones(2), 1.0),
     "NonFiniteError": lambda: ms.jacobian_error.implicit_jacobian(lambda x, t: x - t, jnp.array([np.nan]), 1.0),
+    "InfeasibleProblemError": _unbounded_lp,
 }
 
 WARNING_CASES = {
@@ -209,6 +216,7 @@ WARNING_CASES = {
     "RootWarning": lambda: _ridge_root(on_failure="warn")[1](jnp.zeros(4), (1.0,), (1.0,)),
     "NotConvergedWarning": lambda: ms.relax(_dimer(), _lj(), max_steps=2),
     "NearSingularWarning": _near_singular,
+    "InfeasibleProblemWarning": lambda: _unbounded_lp(on_failure="warn"),
 }
 
 
