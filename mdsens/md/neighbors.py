@@ -388,14 +388,11 @@ class NeighborListFn:
         x, kw = self._frac(positions, cell)
         x, box = np.asarray(x), kw.get("box")
         candidates = np.asarray(neighbor.idx)
-        counts = _host_pairs_within(x, None if box is None else np.asarray(box), candidates,
-                                    self.short_radius).sum(axis=1)
-        K = INTERACTING_CAPACITY_STEP * -(-(int(counts.max(initial=0)) + SHORT_SLACK + extra_capacity)
-                                          // INTERACTING_CAPACITY_STEP)
+        near = _host_pairs_within(x, None if box is None else np.asarray(box), candidates, self.short_radius)
+        K = _capacity(int(near.sum(axis=1).max(initial=0)) + SHORT_SLACK + extra_capacity)
         if K > SHORT_MAX_FILL * candidates.shape[1]:
             return neighbor
-        short_idx, _ = self._short_build(jnp.asarray(x), box, neighbor.idx, K)
-        short = ShortList(short_idx, jnp.asarray(x), box)
+        short = ShortList(jnp.asarray(_compacted(near, candidates, K)), jnp.asarray(x), box)
         return Neighbors(neighbor.nbrs, neighbor.reference_box, self.cutoff, self.skin, short, self.short_skin)
 
     def _short_build(self, x, box, idx, capacity: int):
@@ -428,7 +425,7 @@ class NeighborListFn:
 
         def rebuild(_):
             new_idx, overflowed = self._short_build(x, box, idx, capacity)
-            return ShortList(new_idx, x, box), overflowed
+            return ShortList(new_idx.astype(short.idx.dtype), x, box), overflowed
 
         return lax.cond(stale, rebuild, lambda _: (short, jnp.zeros((), bool)), None)
 
@@ -629,13 +626,23 @@ def interacting_neighbors(system: System, cutoff: float, neighbor=None) -> Neigh
     else:
         candidates = np.broadcast_to(np.arange(n), (n, n))
     near = _host_pairs_within(coords, None if cell is None else cell.T, candidates, INTERACTING_MARGIN * float(cutoff))
-    K = max(int(near.sum(axis=1).max(initial=0)), 1)
-    K = INTERACTING_CAPACITY_STEP * -(-K // INTERACTING_CAPACITY_STEP)
+    K = _capacity(max(int(near.sum(axis=1).max(initial=0)), 1))
+    return NeighborIndices(jnp.asarray(_compacted(near, candidates, K)))
+
+
+def _capacity(count: int) -> int:
+    """``count`` rounded up to a multiple of :data:`INTERACTING_CAPACITY_STEP`."""
+    return INTERACTING_CAPACITY_STEP * -(-count // INTERACTING_CAPACITY_STEP)
+
+
+def _compacted(near, candidates, K: int) -> np.ndarray:
+    """``(N, K)`` int32: each row's ``candidates`` where ``near``, in order, padded with ``N``."""
+    n = candidates.shape[0]
     order = np.argsort(~near, axis=1, kind="stable")[:, :K]  # K may exceed the candidates
     idx = np.full((n, K), n, dtype=np.int32)
     idx[:, :order.shape[1]] = np.where(np.take_along_axis(near, order, axis=1),
                                        np.take_along_axis(candidates, order, axis=1), n)
-    return NeighborIndices(jnp.asarray(idx))
+    return idx
 
 
 def _host_pairs_within(coords, box, candidates, radius: float) -> np.ndarray:
