@@ -1,8 +1,13 @@
 """The simple calls reuse compiled programs across calls; a hit changes no number.
 
-Truths: the exact LJ scaling law r* = 2^(1/6) σ (cutoff tied to σ) and dE*/dε = E*/ε.
+Truths: the exact LJ scaling law r* = 2^(1/6) σ (cutoff tied to σ), so d r*/dσ = 2^(1/6),
+and dE*/dε = E*/ε.
 """
 
+import logging
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,3 +58,30 @@ def test_the_cache_is_bounded():
     assert cache.info()["entries"] == cache.MAX_ENTRIES
     cache.clear()
     assert cache.info() == {"entries": 0, "hits": 0, "misses": 0}
+
+
+def _compilations(caplog, fn):
+    """``fn()`` and the number of XLA compilations it triggered."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
+        out = jax.block_until_ready(fn())
+    return out, sum("Compiling" in r.getMessage() for r in caplog.records)
+
+
+def test_gradients_through_relax_compile_once(caplog):
+    """``jax.grad`` around ``ms.relax`` (a host solver): the implicit tangent and its
+    transpose are compiled on the first call only, and every call's gradient is the
+    closed form d r*/dσ = 2^(1/6)."""
+    pot = ms.potentials.LennardJones(sigma=1.0, epsilon=1.0)
+
+    def bond(sigma):
+        R = ms.relax(_dimer(), pot, params={**pot.params, "sigma": sigma}, fmax=1e-11).system.positions
+        return jnp.linalg.norm(R[1] - R[0])
+
+    grad = jax.grad(bond)
+    first, _ = _compilations(caplog, lambda: grad(jnp.asarray(1.0)))
+    for sigma in (1.05, 0.95):
+        g, compiled = _compilations(caplog, lambda: grad(jnp.asarray(sigma)))
+        assert compiled == 0, [r.getMessage()[:120] for r in caplog.records if "Compiling" in r.getMessage()]
+        assert float(g) == pytest.approx(TIED, rel=1e-8)
+    assert float(first) == pytest.approx(TIED, rel=1e-8)

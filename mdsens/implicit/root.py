@@ -20,7 +20,7 @@ channel that carries a solver's by-products to ``F`` are described in ``docs/des
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -339,8 +339,9 @@ def _default_solve(matvec, b):
 
 
 def _solution_tangent(F, sol, theta, t_theta, *, solve, nullspace, left_nullspace, symmetric,
-                      on_failure, root_tol, nullspace_tol, operator=None):
-    """``−(∂₁F)⁺ ∂₂F t_theta`` at ``(sol, theta)``, after the root and null-space checks."""
+                      on_failure, root_tol, nullspace_tol, operator=None, checks=True):
+    """``−(∂₁F)⁺ ∂₂F t_theta`` at ``(sol, theta)``, after the root and null-space checks
+    (``checks=False``: the caller made them)."""
     sol_flat, unravel = ravel_pytree(sol)
 
     if operator is None:
@@ -354,8 +355,10 @@ def _solution_tangent(F, sol, theta, t_theta, *, solve, nullspace, left_nullspac
     _, b = jax.jvp(lambda th: F(sol, th), (theta,), (t_theta,))
     right, basis_norm = (None, None) if nullspace is None else _orthonormal_basis(nullspace, sol, theta, sol_flat.size)
     left = None if left_nullspace is None else _orthonormal_basis(left_nullspace, sol, theta, sol_flat.size)[0]
-    check = _run_checks(on_failure, root_tol, nullspace_tol, F, sol, theta, right, left, basis_norm,
-                        None if operator is None else matvec)
+    check = None
+    if checks:
+        check = _run_checks(on_failure, root_tol, nullspace_tol, F, sol, theta, right, left, basis_norm,
+                            None if operator is None else matvec)
     x, info = _projected_solve(matvec, -ravel_pytree(b)[0], solve=solve, right_basis=right,
                                left_basis=left, symmetric=symmetric, on_failure=on_failure)
     if check is not None:
@@ -524,32 +527,23 @@ def custom_root(optimality_fun: Callable, *, solve: Callable = None, has_aux: bo
     if optimality_takes_aux and not has_aux:
         raise errors.OptionError("optimality_takes_aux=True needs has_aux=True: the aux the solver "
                                  "returns is what F receives.")
-    linear_solver = solve or _default_solve
+    options = dict(solve=solve or _default_solve, symmetric=symmetric, on_failure=on_failure,
+                   root_tol=root_tol, nullspace_tol=nullspace_tol)
+    functions = _RootFunctions(optimality_fun, nullspace, left_nullspace, optimality_takes_aux)
 
     def decorator(solver: Callable):
+        compiled = _CompiledTangent(functions, options)
+
         @functools.wraps(solver)
         def wrapped(init, *args, **kwargs):
             leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-            is_dynamic = [_is_array_leaf(l) for l in leaves]
-            static = [l for l, d in zip(leaves, is_dynamic) if not d]
+            is_dynamic = tuple(_is_array_leaf(l) for l in leaves)
+            layout = _ArgumentLayout(treedef, tuple(l for l, d in zip(leaves, is_dynamic) if not d), is_dynamic)
             dynamic = tuple(l for l, d in zip(leaves, is_dynamic) if d)
-
-            def rebuild(dynamic_leaves):
-                dyn, sta = iter(dynamic_leaves), iter(static)
-                merged = [next(dyn) if d else next(sta) for d in is_dynamic]
-                return jax.tree_util.tree_unflatten(treedef, merged)
-
-            def on_dynamic(fun, aux):
-                # F and nullspace seen as functions of (x, dynamic leaves) only.
-                if fun is None:
-                    return None
-                if optimality_takes_aux:
-                    return lambda x, dyn: (lambda a, kw: fun(x, aux, *a, **kw))(*rebuild(dyn))
-                return lambda x, dyn: (lambda a, kw: fun(x, *a, **kw))(*rebuild(dyn))
 
             @jax.custom_jvp
             def solve_root(init, dynamic_leaves):
-                a, kw = rebuild(dynamic_leaves)
+                a, kw = layout.rebuild(dynamic_leaves)
                 out = solver(init, *a, **kw)
                 if has_aux and not (isinstance(out, tuple) and len(out) == 2):
                     raise errors.OptimalityStructureError(
@@ -564,14 +558,7 @@ def custom_root(optimality_fun: Callable, *, solve: Callable = None, has_aux: bo
                 _, t_dynamic = tangents
                 out = solve_root(init, dynamic_leaves)
                 sol, aux = out if has_aux else (out, None)
-                F = on_dynamic(optimality_fun, aux)
-                _check_structure(F, sol, dynamic_leaves)
-                t_sol, _ = _solution_tangent(
-                    F, sol, dynamic_leaves, t_dynamic, solve=linear_solver,
-                    nullspace=on_dynamic(nullspace, aux), left_nullspace=on_dynamic(left_nullspace, aux),
-                    symmetric=symmetric, on_failure=on_failure, root_tol=root_tol,
-                    nullspace_tol=nullspace_tol,
-                )
+                t_sol = compiled(layout, sol, aux, dynamic_leaves, t_dynamic)
                 if has_aux:
                     return out, (t_sol, jax.tree_util.tree_map(_zero_tangent, aux))
                 return out, t_sol
@@ -582,6 +569,106 @@ def custom_root(optimality_fun: Callable, *, solve: Callable = None, has_aux: bo
         return wrapped
 
     return decorator
+
+
+class _ArgumentLayout(NamedTuple):
+    """How a call's ``(args, kwargs)`` split into array leaves (differentiated) and the
+    rest (static: strings, callables); hashable when the static leaves are."""
+
+    treedef: Any
+    static: tuple
+    is_dynamic: tuple
+
+    def rebuild(self, dynamic_leaves):
+        dyn, sta = iter(dynamic_leaves), iter(self.static)
+        merged = [next(dyn) if d else next(sta) for d in self.is_dynamic]
+        return jax.tree_util.tree_unflatten(self.treedef, merged)
+
+
+class _RootFunctions(NamedTuple):
+    """The user's ``F`` and null-space functions, and whether they take the solver's aux."""
+
+    optimality_fun: Callable
+    nullspace: Optional[Callable]
+    left_nullspace: Optional[Callable]
+    takes_aux: bool
+
+    def on_dynamic(self, fun, layout, aux):
+        """``fun`` as a function ``(x, dynamic leaves)``."""
+        if fun is None:
+            return None
+        if self.takes_aux:
+            return lambda x, dyn: (lambda a, kw: fun(x, aux, *a, **kw))(*layout.rebuild(dyn))
+        return lambda x, dyn: (lambda a, kw: fun(x, *a, **kw))(*layout.rebuild(dyn))
+
+    def bound(self, layout, aux):
+        """``(F, nullspace, left_nullspace)`` of ``(x, dynamic leaves)``."""
+        return tuple(self.on_dynamic(f, layout, aux) for f in self[:3])
+
+
+class _CompiledTangent:
+    """The tangent rule of one decorated solver: ``−(∂₁F)⁺ ∂₂F t`` at ``(x*, θ)``.
+
+    Outside ``jit`` (``jax.grad(loss)(θ)`` around a host solver), JAX would run the
+    tangent eagerly and compile the linear solve's loop afresh on every call, because
+    each call stages a new jaxpr; seconds per gradient. When the primal values are
+    concrete and the argument layout and aux structure hashable, the tangent is instead
+    a ``jax.jit`` function kept here, so its linearization and transpose are cached with
+    it; the root and null-space checks then run from a compiled diagnostics function and
+    raise on the host with their own types. Otherwise (under ``jit``/``vmap``, or with
+    unhashable static arguments) the tangent is traced inline, checks in callbacks.
+    """
+
+    def __init__(self, functions: _RootFunctions, options: dict):
+        self.functions, self.options = functions, options
+        self._tangent = jax.jit(self._traced_tangent, static_argnums=(0, 1), static_argnames="checks")
+        self._diagnostics = jax.jit(self._traced_diagnostics, static_argnums=0)
+
+    def __call__(self, layout, sol, aux, dynamic_leaves, t_dynamic):
+        nonzero = tuple(not _is_float0(t) for t in t_dynamic)
+        if not (_is_concrete(sol, aux, dynamic_leaves) and _jittable(layout, aux)):
+            return self._traced_tangent(layout, nonzero, sol, aux, dynamic_leaves, t_dynamic)
+        options = self.options
+        if options["on_failure"] != "ignore":
+            root, null, basis_norm = self._diagnostics(layout, sol, aux, dynamic_leaves)
+            _check_diagnostics(options["on_failure"], options["root_tol"], options["nullspace_tol"], root, null,
+                               basis_norm, stacklevel=5)
+        t_nonzero = tuple(t for t, nz in zip(t_dynamic, nonzero) if nz)
+        return self._tangent(layout, nonzero, sol, aux, dynamic_leaves, t_nonzero, checks=False)
+
+    def _traced_tangent(self, layout, nonzero, sol, aux, dynamic_leaves, t_dynamic, checks=True):
+        if len(t_dynamic) != len(nonzero):  # float0 tangents (integer leaves) were left out
+            it = iter(t_dynamic)
+            t_dynamic = tuple(next(it) if nz else _zero_tangent(l) for l, nz in zip(dynamic_leaves, nonzero))
+        F, nullspace, left_nullspace = self.functions.bound(layout, aux)
+        _check_structure(F, sol, dynamic_leaves)
+        t_sol, _ = _solution_tangent(F, sol, dynamic_leaves, t_dynamic, nullspace=nullspace,
+                                     left_nullspace=left_nullspace, checks=checks, **self.options)
+        return t_sol
+
+    def _traced_diagnostics(self, layout, sol, aux, dynamic_leaves):
+        F, nullspace, left_nullspace = self.functions.bound(layout, aux)
+        _check_structure(F, sol, dynamic_leaves)
+        sol_flat, unravel = ravel_pytree(sol)
+        right, basis_norm = (None, None) if nullspace is None else _orthonormal_basis(
+            nullspace, sol, dynamic_leaves, sol_flat.size)
+        left = None if left_nullspace is None else _orthonormal_basis(
+            left_nullspace, sol, dynamic_leaves, sol_flat.size)[0]
+        root, null, _ = _diagnostics(F, sol_flat, unravel, dynamic_leaves, right, left)
+        return root, null, basis_norm
+
+
+def _is_float0(x) -> bool:
+    return getattr(x, "dtype", None) == jax.dtypes.float0
+
+
+def _jittable(layout, aux) -> bool:
+    """Whether ``layout`` and ``aux``'s structure can key a ``jax.jit`` cache."""
+    try:
+        hash((layout, jax.tree_util.tree_structure(aux)))
+    except TypeError:
+        return False
+    return all(_is_array_leaf(l) for l in jax.tree_util.tree_leaves(aux))
 
 
 def _zero_tangent(x):

@@ -42,6 +42,7 @@ import numpy as np
 
 from mdsens.implicit import linear_solve
 from mdsens.md import neighbors, zero_modes
+from mdsens.md.driver import RelaxResult
 from mdsens.md.errors import NearSingularWarning
 from mdsens.md.options import StabilityOptions
 from mdsens.md.layer import is_traced, python_scalar, relaxation_root
@@ -51,12 +52,16 @@ __all__ = ["CellRelaxation"]
 
 
 class CellAux(NamedTuple):
-    """The aux channel of the cell relaxation: strain scale, list, basis, host result."""
+    """The aux channel of the cell relaxation: strain scale, list indices, basis, and the
+    host relaxation's diagnostics (arrays; the channel's structure keys the compiled
+    tangent, so it holds no jax-md list)."""
 
     scale: jax.Array
     neighbor: Any
     basis: tuple
-    result: Any
+    steps: jax.Array
+    fmax: jax.Array
+    converged: jax.Array
 
 
 class CellRelaxation:
@@ -71,6 +76,7 @@ class CellRelaxation:
         self.solve = solve
         self.stability = stability
         self.on_failure = on_failure
+        self._roots = {}  # progress → the implicit layer (its compiled tangent lives with it)
         energy_fn = host.energy_fn
         n, dim = host.template.n_atoms, host.template.dim
         nd = n * dim
@@ -151,13 +157,25 @@ class CellRelaxation:
         host = self.host
         if not is_traced((params, system.positions, system.cell)):
             return host(system, params, **criteria)
-        dim = system.dim
+        progress = criteria["progress"]
+        if progress not in self._roots:
+            self._roots[progress] = self._implicit_layer(progress)
+        (U, q), aux = self._roots[progress](system.positions, params, system.cell, criteria["fmax"],
+                                            criteria["max_steps"], criteria["stress_tol"])
+        R, cell, energy, forces, stress = self.outputs(U, q, params, system.cell, aux.scale, aux.neighbor)
+        return RelaxResult(system.replace(positions=R, cell=cell), energy, forces, python_scalar(aux.fmax, float),
+                           python_scalar(aux.steps, int), python_scalar(aux.converged, bool), stress, None)
 
-        def F(x, aux, params, cell0):
+    def _implicit_layer(self, progress):
+        host, dim = self.host, self.host.template.dim
+
+        def F(x, aux, params, cell0, fmax, max_steps, stress_tol):
             return self.F(x, params, cell0, aux.scale, aux.neighbor)
 
+        # The criteria are arguments, not closed over: the layer and its compiled tangent
+        # serve every call.
         @relaxation_root(F, self.solve, self.on_failure)
-        def relaxed_state(init, params, cell0):
+        def relaxed_state(init, params, cell0, fmax, max_steps, stress_tol):
             if is_traced((init, params, cell0)):
                 raise NotImplementedError(
                     "relax(..., relax_cell=True) cannot run under jax.jit or jax.vmap: the cell "
@@ -166,7 +184,9 @@ class CellRelaxation:
                     "e.g. loop over parameter sets in Python."
                 )
             cell0 = np.asarray(cell0, np.float64)
-            done = host(system.replace(positions=init, cell=jnp.asarray(cell0)), params, **criteria)
+            start = host.template.replace(positions=init, cell=jnp.asarray(cell0))
+            done = host(start, params, fmax=float(fmax), max_steps=int(max_steps),
+                        stress_tol=None if stress_tol is None else float(stress_tol), progress=progress)
             # The host removed the rigid rotation: cell* = cell0 P with P symmetric positive.
             P = np.linalg.solve(cell0, np.asarray(done.system.cell))
             P = 0.5 * (P + P.T)
@@ -175,15 +195,11 @@ class CellRelaxation:
             # The list the relaxation confirmed convergence with, at (R*, cell*).
             nb = neighbors.indices_only(done.neighbor)
             c, (bU, bq) = self.analyse(U, e, params, jnp.asarray(cell0), nb)
-            aux = CellAux(jnp.asarray(c, jnp.float64), nb, (jnp.asarray(bU), jnp.asarray(bq)), done)
+            aux = CellAux(jnp.asarray(c, jnp.float64), nb, (jnp.asarray(bU), jnp.asarray(bq)),
+                          jnp.asarray(done.steps), jnp.asarray(done.fmax), jnp.asarray(done.converged))
             return (U, e * c), aux
 
-        (U, q), aux = relaxed_state(system.positions, params, system.cell)
-        R, cell, energy, forces, stress = self.outputs(U, q, params, system.cell, aux.scale, aux.neighbor)
-        done = aux.result
-        return done._replace(system=system.replace(positions=R, cell=cell), energy=energy, forces=forces,
-                             stress=stress, fmax=python_scalar(done.fmax, float),
-                             steps=python_scalar(done.steps, int), converged=python_scalar(done.converged, bool))
+        return relaxed_state
 
     # -- analyses of the relaxed state: (c, (basis_U, basis_q)) --------------------------
     def analyse(self, U, e, params, cell0, nb):

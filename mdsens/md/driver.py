@@ -58,8 +58,9 @@ class RelaxResult(NamedTuple):
       stress: Voigt stress in ASE's convention (xx, yy, zz, yz, xz, xy) in eV/Å³
         ((xx, yy, xy), eV/Å², in 2D) for periodic systems, else ``None``.
       neighbor: the neighbor list freshly built at the relaxed structure
-        (:class:`mdsens.md.neighbors.Neighbors`), ``None`` on the dense path; the
-        derivative routines reuse it while it covers the potential's range.
+        (:class:`mdsens.md.neighbors.Neighbors`), ``None`` on the dense path and when
+        ``relax`` was differentiated (jvp, grad, jit); the derivative routines reuse it
+        while it covers the potential's range.
     """
 
     system: System

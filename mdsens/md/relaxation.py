@@ -62,8 +62,10 @@ class RelaxAux(NamedTuple):
     """What the primal relaxation hands to ``F`` and the null space (the aux channel).
 
     Attributes:
-      neighbor: the :class:`~mdsens.md.neighbors.Neighbors` confirmed at ``R*`` (host
-        path with lists), else ``None``.
+      neighbor: the :class:`~mdsens.md.neighbors.NeighborIndices` of the list confirmed
+        at ``R*`` (host path with lists), else ``None``. Only the indices: the channel's
+        structure keys the compiled tangent, and a jax-md list's metadata changes with
+        every allocation.
       basis: ``(k, N, d)`` null-space basis at ``R*``.
       steps, fmax, converged: the relaxation's diagnostics (arrays).
     """
@@ -95,7 +97,8 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         self.host = HostRelaxation(pot, system, minimizer=minimizer, relax_cell=relax_cell,
                                    neighbor_list=neighbor_list)
         self.cell = CellRelaxation(self.host, self.solve, self.stability, self.on_failure) if relax_cell else None
-        self._root = None
+        self._roots = {}  # progress → the implicit layer (its compiled tangent lives with it)
+        self._evaluate = jax.jit(energy_forces_stress, static_argnums=0)
 
     def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
                  max_steps: int = DEFAULT_MAX_STEPS, stress_tol: Optional[float] = None,
@@ -117,12 +120,17 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
 
     # -- the implicit layer ---------------------------------------------------------------
     def _relaxed_positions(self, progress):
+        if progress not in self._roots:
+            self._roots[progress] = self._implicit_layer(progress)
+        return self._roots[progress]
+
+    def _implicit_layer(self, progress):
         host, template, stability = self.host, self.template, self.stability
         energy_fn = host.energy_fn
         grad_E = relaxation_condition(energy_fn)
 
         def F(R, aux, params, cell, fmax, max_steps):
-            return grad_E(R, params, cell, neighbors.indices_only(aux.neighbor))
+            return grad_E(R, params, cell, aux.neighbor)
 
         @relaxation_root(F, self.solve, self.on_failure)
         def relaxed_positions(init, params, cell, fmax, max_steps):
@@ -137,7 +145,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
                                              args=(params, cell, nb_idx)).basis
             else:
                 basis = zero_modes.rigid_modes(R, template.pbc)
-            aux = RelaxAux(done.neighbor, jnp.asarray(basis), jnp.asarray(done.steps),
+            aux = RelaxAux(nb_idx, jnp.asarray(basis), jnp.asarray(done.steps),
                            jnp.asarray(done.fmax), jnp.asarray(done.converged))
             return R, aux
 
@@ -163,10 +171,10 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
 
     def _outputs(self, system, R, aux, params):
         relaxed = system.replace(positions=R)
-        nb = neighbors.indices_only(aux.neighbor)
-        energy, forces, stress = energy_forces_stress(self.host.energy_fn, R, params, system.cell, nb)
+        energy, forces, stress = self._evaluate(self.host.energy_fn, R, params, system.cell, aux.neighbor)
+        # A jax-md list is not returned with derivatives: only its indices served F.
         return RelaxResult(relaxed, energy, forces, python_scalar(aux.fmax, float), python_scalar(aux.steps, int),
-                           python_scalar(aux.converged, bool), stress, aux.neighbor)
+                           python_scalar(aux.converged, bool), stress, None)
 
 
 def _warn_if_not_converged(target, max_steps, fmax_now, steps):
