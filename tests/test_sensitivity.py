@@ -406,3 +406,77 @@ def test_table_csv_json(lj13, tmp_path):
     np.testing.assert_allclose(np.array(data["dpositions"]["sigma"]), S.dpositions[0])
     with pytest.raises(KeyError, match="no parameter 'rho'"):
         sensitivity(res, pot, wrt=["rho"])
+
+
+# ------------------------------------------------------------- the spectral probe (§5)
+def test_spectral_probe_replaces_the_eigen_analysis_and_matches_dense_eigh(lj13):
+    """Above dense_max_dof (lowered here to reach it with 13 atoms), λ_min and λ_max come
+    from the Ritz values of one more CG column (a random right-hand side): within 1 %
+    (λ_min, never below it) and 1e-6 (λ_max) of a dense eigh of the Hessian, with no
+    separate eigen-solver; the derivative still equals the dense pseudo-inverse's."""
+    pot, res = lj13
+    system = res.system
+    dof = system.positions.size
+    E = pot.energy_fn(system, neighbor_list=False)
+    H = np.asarray(jax.hessian(lambda x: E(x, pot.params, None))(system.positions)).reshape(dof, dof)
+    w = np.linalg.eigvalsh(H)
+    assert np.all(np.abs(w[:6]) < 1e-8 * w[-1]) and w[6] > 1e-3 * w[-1]  # rigid modes only
+
+    S = sensitivity(res, pot, wrt=["sigma", "epsilon"], stability=ms.StabilityOptions(dense_max_dof=dof // 2))
+    assert S.stability_check == "probe"
+    np.testing.assert_allclose(S.lambda_min, w[6], rtol=1e-2)
+    assert S.lambda_min >= w[6] * (1 - 1e-9)  # a Ritz value never lies below λ_min
+    np.testing.assert_allclose(S.lambda_max, w[-1], rtol=1e-6)
+    assert S.n_soft_modes == 0 and S.n_zero_modes == 6
+    t = {k: np.zeros_like(v) for k, v in pot.params.items()}
+    t["sigma"] = np.asarray(1.0)
+    dense = dense_pinv_derivative(pot, system, pot.params, jax.tree_util.tree_map(jnp.asarray, t))
+    np.testing.assert_allclose(S.dpositions[0], dense, atol=1e-8 * np.abs(dense).max())
+
+
+def test_spectral_probe_deflates_rattlers_found_by_probing():
+    """A soft-sphere packing with rattlers (seed 1): the two-product probe finds their
+    isolated dofs before the solves and the CG probe settles the rest; the derivative is
+    the dense pseudo-inverse's (minimum norm: rattlers do not move), and the number of
+    zero modes is the dense Hessian's."""
+    N, phi = 48, 0.90
+    rng = np.random.default_rng(1)
+    species = np.array([0] * (N // 2) + [1] * (N // 2))
+    L = np.sqrt(np.sum(np.pi * (np.array([1.0, 1.4])[species] / 2) ** 2) / phi)
+    system = ms.System(rng.uniform(0, L, (N, 2)), cell=np.eye(2) * L, species=species, symbols=("A", "B"), pbc=True)
+    pot = SoftSphere(sigma={"A": 1.0, "B": 1.4})
+    res = relax(system, pot, fmax=1e-12, max_steps=200_000)
+    E = pot.energy_fn(res.system, neighbor_list=False)
+    H = np.asarray(jax.hessian(lambda x: E(x, pot.params, res.system.cell))(res.system.positions))
+    w = np.linalg.eigvalsh(H.reshape(2 * N, 2 * N))
+    n_zero = int(np.sum(np.abs(w) <= 1e-10 * w[-1]))
+    assert n_zero > 2  # translations and rattlers
+
+    t = zeros_like_params(pot.params)
+    t["sigma"] = np.array([[1.0, 0.5], [0.5, 0.0]])
+    S = sensitivity(res, pot, wrt={"d_small": t}, stability=ms.StabilityOptions(dense_max_dof=20))
+    assert S.stability_check == "probe"
+    assert S.n_zero_modes == n_zero
+    np.testing.assert_allclose(S.lambda_min, w[n_zero], rtol=1e-2)
+    dense = dense_pinv_derivative(pot, res.system, pot.params, jax.tree_util.tree_map(jnp.asarray, t))
+    np.testing.assert_allclose(S.dpositions[0], dense, atol=1e-8 * np.abs(dense).max())
+
+
+def test_spectral_probe_refuses_a_saddle():
+    """A straight LJ chain is stationary but a saddle (bending lowers E): the probe's CG
+    meets negative curvature, and the full analysis it falls back to raises with the dense
+    λ_min (a Ritz value: within the stopping rule's 1 %, never below it)."""
+    pot = LennardJones(sigma=1.0, epsilon=1.0)
+    n = 40
+    chain = ms.System(np.stack([1.12 * np.arange(n), np.zeros(n), np.zeros(n)], axis=1))
+    res = relax(chain, pot, fmax=1e-10)
+    assert res.converged and np.allclose(np.asarray(res.system.positions)[:, 1:], 0.0)
+    E = pot.energy_fn(res.system, neighbor_list=False)
+    H = np.asarray(jax.hessian(lambda x: E(x, pot.params, None))(res.system.positions)).reshape(3 * n, 3 * n)
+    lowest = np.linalg.eigvalsh(H)[0]
+    assert lowest < -1e-4
+    with pytest.raises(SaddlePointError, match="saddle point") as info:
+        sensitivity(res, pot, wrt=["sigma"], stability=ms.StabilityOptions(dense_max_dof=60))
+    reported = float(str(info.value).split("λ_min = ")[1].split()[0])
+    np.testing.assert_allclose(reported, lowest, rtol=1e-2)
+    assert reported >= lowest * (1 + 1e-5)  # printed with 6 digits

@@ -35,6 +35,8 @@ from jax.flatten_util import ravel_pytree
 __all__ = [
     "SolveInfo",
     "cg",
+    "cg_lanczos",
+    "LanczosTridiagonal",
     "minres",
     "gmres",
     "bicgstab",
@@ -120,20 +122,56 @@ def cg(matvec: Callable, b, *, tol: float = 1e-10, maxiter: Optional[int] = None
     there. For a Hessian with zero modes, declare them with ``custom_root(nullspace=...)``;
     for an indefinite matrix use :func:`minres`.
     """
+    x, info, _ = _cg(matvec, b, tol, maxiter, precond, ridge, x0, record=0)
+    return x, info
+
+
+class LanczosTridiagonal(NamedTuple):
+    """The Lanczos tridiagonal ``T`` that a CG run builds (Golub & Van Loan §11.3.5).
+
+    Attributes:
+      diagonal: ``(m,)`` ``T_ii = 1/α_i + β_{i−1}/α_{i−1}``; rows ``≥ steps`` are zero.
+      off_diagonal: ``(m,)`` ``T_{i,i+1} = √β_i / α_i``; entry ``steps − 1`` couples ``T``
+        to the next Lanczos vector (the Ritz residuals' factor).
+      steps: rows of ``T`` that are valid (CG iterations, at most ``m``).
+    """
+
+    diagonal: jnp.ndarray
+    off_diagonal: jnp.ndarray
+    steps: jnp.ndarray
+
+
+def cg_lanczos(matvec: Callable, b, *, steps: int, tol: float = 1e-10, maxiter: Optional[int] = None,
+               ridge: float = 0.0, x0=None):
+    """:func:`cg` that also returns the Lanczos tridiagonal of its first ``steps`` iterations.
+
+    CG's step lengths ``α`` and ``β`` are the Lanczos coefficients of ``A`` on the Krylov
+    space of ``b``, so the eigenvalues of the returned ``T`` (Ritz values) estimate the
+    extreme eigenvalues of ``A`` for free; without reorthogonalization a converged one may
+    repeat, but none lies outside ``A``'s spectrum. Unpreconditioned.
+
+    Returns:
+      ``(x, SolveInfo, LanczosTridiagonal)``.
+    """
+    return _cg(matvec, b, tol, maxiter, None, ridge, x0, record=int(steps))
+
+
+def _cg(matvec, b, tol, maxiter, precond, ridge, x0, *, record):
     b, unravel, A, M, x = _flatten_problem(matvec, b, precond, ridge, x0)
     maxiter = _default_maxiter(b.size, maxiter)
     threshold = (tol * jnp.linalg.norm(b)) ** 2
 
     r = b - A(x)
     z = M(r)
-    state = (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0), jnp.asarray(False))
+    coefficients = jnp.zeros((2, record), b.dtype)  # α_k, β_k of the first `record` iterations
+    state = (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0), jnp.asarray(False), coefficients)
 
     def cond(state):
-        _, r, _, _, _, k, broke = state
+        _, r, _, _, _, k, broke, _ = state
         return (jnp.vdot(r, r) > threshold) & (k < maxiter) & ~broke
 
     def body(state):
-        x, r, z, p, rz, k, _ = state
+        x, r, z, p, rz, k, _, coefficients = state
         Ap = A(p)
         curvature = jnp.vdot(p, Ap)
         broke = curvature <= 0
@@ -144,10 +182,24 @@ def cg(matvec: Callable, b, *, tol: float = 1e-10, maxiter: Optional[int] = None
         rz_new = jnp.vdot(r, z)
         beta = rz_new / jnp.where(rz == 0, 1.0, rz)
         p = z + beta * p
-        return x, r, z, p, rz_new, k + 1, broke
+        if record:
+            coefficients = coefficients.at[:, jnp.minimum(k, record - 1)].set(
+                jnp.where(k < record, jnp.stack([alpha, beta]), coefficients[:, record - 1]))
+        return x, r, z, p, rz_new, k + 1, broke, coefficients
 
-    x, _, _, _, _, k, broke = lax.while_loop(cond, body, state)
-    return _finish(x, A, b, tol, k, broke, unravel)
+    x, _, _, _, _, k, broke, coefficients = lax.while_loop(cond, body, state)
+    x, info = _finish(x, A, b, tol, k, broke, unravel)
+    return x, info, _tridiagonal(coefficients, jnp.minimum(k, record)) if record else None
+
+
+def _tridiagonal(coefficients, steps):
+    alpha, beta = coefficients
+    valid = jnp.arange(alpha.size) < steps
+    safe = jnp.where(valid & (alpha != 0), alpha, 1.0)
+    previous = jnp.concatenate([jnp.zeros(1, alpha.dtype), beta[:-1] / safe[:-1]])
+    diagonal = jnp.where(valid, 1.0 / safe + previous, 0.0)
+    off_diagonal = jnp.where(valid, jnp.sqrt(jnp.maximum(beta, 0.0)) / safe, 0.0)
+    return LanczosTridiagonal(diagonal, off_diagonal, steps)
 
 
 def minres(matvec: Callable, b, *, tol: float = 1e-10, maxiter: Optional[int] = None,

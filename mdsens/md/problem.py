@@ -39,7 +39,7 @@ from mdsens.md.options import as_neighbor_list
 from mdsens.md.system import System
 
 __all__ = ["DerivativeProblem", "ProblemBuilder", "relaxation_neighbors", "check_stationary", "null_basis",
-           "STRICT_FMAX"]
+           "known_modes", "probed_null_basis", "STRICT_FMAX"]
 
 #: Largest per-atom force (force units) below which a structure counts as relaxed for a
 #: derivative: above it ``sensitivity`` warns (or refuses with ``strict=True``).
@@ -186,9 +186,28 @@ def null_basis(prob: DerivativeProblem, stability, fmax_now: Optional[float] = N
     system = prob.system
     if stability is None:
         return zero_modes.rigid_modes(system.positions, system.pbc), 0, float("nan"), float("nan")
+    return _analysed(lambda: zero_modes.stability(prob.energy, system.positions, system.pbc, stability,
+                                                  args=(prob.params, system.cell, prob.neighbor),
+                                                  blocks=prob.blocks), fmax_now)
+
+
+def known_modes(prob: DerivativeProblem, stability):
+    """:func:`mdsens.md.zero_modes.known_modes` of the problem (rigid modes, rattlers)."""
+    system = prob.system
+    return zero_modes.known_modes(prob.energy, system.positions, system.pbc, stability,
+                                  args=(prob.params, system.cell, prob.neighbor), blocks=prob.blocks)
+
+
+def probed_null_basis(known, tridiagonal, stability, fmax_now: Optional[float] = None):
+    """:func:`null_basis` from the Lanczos tridiagonal of a CG solve on a random vector
+    (:func:`mdsens.md.zero_modes.stability_from_lanczos`), or ``None`` when it cannot
+    decide (then run :func:`null_basis`)."""
+    return _analysed(lambda: zero_modes.stability_from_lanczos(known, tridiagonal, stability), fmax_now)
+
+
+def _analysed(analyse, fmax_now):
     try:
-        report = zero_modes.stability(prob.energy, system.positions, system.pbc, stability,
-                                      args=(prob.params, system.cell, prob.neighbor), blocks=prob.blocks)
+        report = analyse()
     except SaddlePointError as err:
         if fmax_now is not None and fmax_now >= STRICT_FMAX:
             raise type(err)(
@@ -196,5 +215,7 @@ def null_basis(prob: DerivativeProblem, stability, fmax_now: Optional[float] = N
                 "is likely not a saddle but a structure away from its minimum: relax it first."
             ) from None
         raise
+    if report is None:
+        return None
     return report.basis, report.n_soft, report.lambda_min, report.lambda_max
 

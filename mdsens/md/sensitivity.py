@@ -76,7 +76,8 @@ from mdsens.md.errors import StructureError, UnknownParameterError
 from mdsens.md.hessian import hessian_products
 from mdsens.md.io import write_text_atomically
 from mdsens.md.options import as_stability
-from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.problem import (STRICT_FMAX, ProblemBuilder, check_stationary, known_modes, null_basis,
+                               probed_null_basis)
 from mdsens.md.progress import structure_stages
 from mdsens.md.strain import deformation_gradient, voigt_names, voigt_strain_matrix
 
@@ -202,6 +203,9 @@ class Sensitivity:
       relax_converged: the relaxation's own ``converged`` flag (None for a bare System).
       param_shapes: shape of each params leaf (params only), to rebuild pytrees.
       indices: flat indices (into ``ravel_pytree(params)``) of the parameters selected.
+      stability_check: how the Hessian was checked: ``"probe"`` (the Ritz values of a
+        random column solved with the others; docs/design.md §5), ``"eigen-analysis"``
+        (dense, Lanczos or LOBPCG on its own) or ``"none"`` (``stability=False``).
     """
 
     wrt: str
@@ -227,6 +231,7 @@ class Sensitivity:
     relax_converged: Optional[bool]
     param_shapes: dict
     indices: np.ndarray
+    stability_check: str = "eigen-analysis"
 
     # -- pytree views (like jax.jacfwd of the relaxed positions w.r.t. params) ----------
     def _as_tree(self, flat_rows, trailing):
@@ -321,6 +326,7 @@ class Sensitivity:
             "n_zero_modes": self.n_zero_modes,
             "n_soft_modes": self.n_soft_modes,
             "relax_converged": self.relax_converged,
+            "stability_check": self.stability_check,
             "rows": self.rows(),
         }
         if positions:
@@ -434,16 +440,18 @@ def linearity(residuals, lam_max, positions) -> float:
     return float(jacobian_error.newton_linearity(before, after, lam_max * np.linalg.norm(R - R.mean(axis=0))))
 
 
-def _columns(F, R, theta, tangents, basis, solve, hessian=None):
+def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
     """vmapped forward implicit derivatives and their error diagnostics (jit-able).
 
     F(R, theta) -> (N, d); tangents: (P, *theta.shape); hessian: ``v ↦ ∂₁F v`` at
     ``(R, theta)`` for the solves (:func:`~mdsens.md.hessian.hessian_products`).
     Returns (dR (P,N,d), info, β (P,), γ (P,), g (N,d), ‖Pg‖, ‖e‖ (P,), ‖δ‖,
-    (‖P∇E(R)‖, ‖P∇E(R − δ)‖)): the Newton step ``δ`` with the residuals before and after
-    it (:func:`linearity`) and, per column, the first-order error ``e`` (its solve's own
-    residual included) and the directional constants β, γ along ``δ``
-    (:func:`mdsens.jacobian_error.first_order_error`).
+    (‖P∇E(R)‖, ‖P∇E(R − δ)‖), probed): the Newton step ``δ`` with the residuals
+    before and after it (:func:`linearity`) and, per column, the first-order error ``e``
+    (its solve's own residual included) and the directional constants β, γ along ``δ``
+    (:func:`mdsens.jacobian_error.first_order_error`). With ``probe = (z (N, d), tol)``
+    the columns are solved by :func:`_probed_solves`, and ``probed`` is the probe's
+    ``(SolveInfo, Lanczos tridiagonal)`` (else ``None``).
     """
     basis = jnp.asarray(basis)
     nullspace = lambda x, th: basis  # noqa: E731  constant modes, (k, N, d)
@@ -452,14 +460,68 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None):
     delta, residuals = newton(F, R, theta, basis, loose)
     g_norm = residuals[0]  # ‖P∇E(R)‖, which the Newton step's linearity test needs anyway
 
-    def one(t):
-        dR, info = root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
+    if probe is None:
+        def solved(t):
+            return root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
-        e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
-        return dR, info, beta, gamma, jnp.linalg.norm(e)
 
-    dR, info, beta, gamma, e_norm = jax.vmap(one)(tangents)
-    return dR, info, beta, gamma, g, g_norm, e_norm, jnp.linalg.norm(delta), residuals
+        dR, info = jax.vmap(solved)(tangents)
+        probed = None
+    else:
+        dR, info, probed = _probed_solves(F, R, theta, tangents, basis, hessian, *probe)
+
+    def estimated(dR, t):
+        e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
+        return beta, gamma, jnp.linalg.norm(e)
+
+    beta, gamma, e_norm = jax.vmap(estimated)(dR, tangents)
+    return dR, info, beta, gamma, g, g_norm, e_norm, jnp.linalg.norm(delta), residuals, probed
+
+
+#: Seed of the random right-hand side whose CG solve probes the Hessian's spectrum.
+PROBE_SEED = 20240702
+#: CG iterations whose Lanczos coefficients the probe keeps (λ_min converges long before).
+PROBE_STEPS = 1000
+#: The probe's CG tolerance relative to the columns': its Ritz pairs converge a little
+#: after the columns' solutions do (docs/design.md §5).
+PROBE_TOL_FACTOR = 1e-3
+
+
+def _probed_solves(F, R, theta, tangents, basis, hessian, z, tol):
+    """The columns' solves ``(H + w Q Qᵀ) x = −P ∂₂F t`` (``Q`` the orthonormal basis;
+    :func:`mdsens.root_jvp` deflates with ``w = 1``) batched with one more: a random
+    right-hand side ``z`` (host-drawn, projected ⊥ ``Q``), whose CG run is Lanczos from a random vector, so
+    its tridiagonal (:func:`mdsens.linear_solve.cg_lanczos`) gives ``λ_min`` and
+    ``λ_max`` of ``H`` beyond the known modes at the price of one more column of the
+    same batched program instead of a separate eigen-solver. Returns (dR, info of the
+    columns, (the probe's SolveInfo, its tridiagonal))."""
+    shape = R.shape
+    Q, _ = jnp.linalg.qr(basis.reshape(basis.shape[0], -1).T)
+    z = z.ravel() - Q @ (Q.T @ z.ravel())
+    # Rounding feeds the probe's Krylov space a little of the deflated modes, whose Ritz
+    # value is the deflation weight: the Rayleigh quotient of z lies inside the spectrum,
+    # so that value can be neither λ_min nor λ_max.
+    weight = jnp.vdot(z, hessian(z.reshape(shape)).ravel()) / jnp.vdot(z, z)
+
+    def deflated(v):
+        return hessian(v.reshape(shape)).ravel() + weight * (Q @ (Q.T @ v))
+
+    def rhs(t):
+        b = -jax.jvp(lambda th: F(R, th), (theta,), (t,))[1].ravel()
+        return b - Q @ (Q.T @ b)
+
+    P = tangents.shape[0]
+    B = jnp.concatenate([jax.vmap(rhs)(tangents), z[None]])
+    steps = min(PROBE_STEPS, 10 * R.size)
+    tols = jnp.full((P + 1,), tol).at[P].multiply(PROBE_TOL_FACTOR)
+    maxiters = jnp.full((P + 1,), 10 * R.size).at[P].set(steps)  # the probe never runs past its record
+    x, info, tridiagonal = jax.vmap(
+        lambda b, tol, maxiter: linear_solve.cg_lanczos(deflated, b, steps=steps, tol=tol, maxiter=maxiter)
+    )(B, tols, maxiters)
+    x = x - (x @ Q) @ Q.T
+    columns = jax.tree_util.tree_map(lambda a: a[:P], info)
+    probe = jax.tree_util.tree_map(lambda a: a[P], (info, tridiagonal))
+    return x[:P].reshape((P,) + shape), columns, probe
 
 
 def _report_solve(converged, relative, names, policy):
@@ -486,6 +548,8 @@ class _Derivative:
         self.pot = pot
         self.template = system
         self.solve = solve or _default_solve(tol)
+        # The default CG can probe the spectrum during the solves (_probed_solves).
+        self.probe_tol = float(tol) if solve is None else None
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
         self.stability = as_stability(stability)
         self.on_failure = check_policy(on_failure)
@@ -522,22 +586,60 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             raise OptionError(f"wrt must be 'params', 'cell', parameter names or a dict of directions; got {wrt!r}.")
         self.wrt = wrt
 
-    def _functions(self, prob, n_tangents):
-        key = self._key(prob, n_tangents)
+    def _functions(self, prob, n_tangents, probed=False):
+        key = self._key(prob, n_tangents, probed)
         if key not in self._compiled:
             E_theta = _energy_of_theta(prob, self.wrt)
             F = jax.grad(E_theta)
             H = _hessian_of_theta(prob, self.wrt)
-            solve = self.solve
+            solve, tol = self.solve, self.probe_tol
 
-            def run(R, theta, tangents, basis, cell, nb, params, blocks):
+            def run(R, theta, tangents, basis, cell, nb, params, blocks, probe_vector=None):
                 Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
-                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks))
+                probe = None if probe_vector is None else (probe_vector, tol)
+                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks), probe)
                 partial = jax.grad(E_theta, argnums=1)(R, theta, cell, nb, params)
                 return cols, partial
 
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]
+
+    def _probes_spectrum(self, system) -> bool:
+        """Whether the stability analysis rides on the solves (a random CG column) rather
+        than running its own Lanczos: the default CG, and the ``"auto"``/``"lanczos"``
+        method above ``dense_max_dof`` (below it the dense analysis is cheaper)."""
+        o = self.stability
+        if o is None or self.probe_tol is None or o.method not in ("auto", "lanczos"):
+            return False
+        return o.method == "lanczos" or system.n_atoms * system.dim > o.dense_max_dof
+
+    def _solved(self, prob, fmax_now, arguments, n_tangents, stages):
+        """``(outputs of the compiled solves, (basis, n_soft, λ_min, λ_max), stability_check)``.
+
+        Probing: the known modes (rigid, rattlers), then the solves with the probe column;
+        its Ritz values settle the stability verdict in the common case. A soft or
+        unconverged Ritz pair, or a CG breakdown (negative curvature), sends it to the full
+        analysis (:func:`~mdsens.md.problem.null_basis`) and a second run of the solves
+        with its null space.
+        """
+        system = prob.system
+        if self._probes_spectrum(system):
+            stages.start("rigid modes and isolated dofs")
+            known = known_modes(prob, self.stability)
+            z = np.random.default_rng(PROBE_SEED).standard_normal(system.positions.shape)
+            stages.start(f"{n_tangents} implicit solves, a spectral probe and error estimates")
+            out = self._functions(prob, n_tangents, probed=True)(
+                *arguments(known.basis), jnp.asarray(z))
+            probe_info, tridiagonal = out[0][-1]
+            broke = bool(np.any(np.asarray(out[0][1].breakdown))) or bool(np.asarray(probe_info.breakdown))
+            found = None if broke else probed_null_basis(known, tridiagonal, self.stability, fmax_now)
+            if found is not None:
+                return out, found, "probe"
+        stages.start("stability analysis" if self.stability is not None else "rigid modes")
+        found = null_basis(prob, self.stability, fmax_now)
+        stages.start(f"{n_tangents} implicit solve{'s' if n_tangents != 1 else ''} and error estimates")
+        check = "none" if self.stability is None else "eigen-analysis"
+        return self._functions(prob, n_tangents)(*arguments(found[0])), found, check
 
     def _parameters(self, system, params):
         """``(theta, tangents, names, values, indices, shapes)`` for ``self.wrt``."""
@@ -561,14 +663,16 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             prob = self._problem(result, params, neighbor)
             system, params_ = prob.system, prob.params
             theta, tangents, names, values, idx, shapes = self._parameters(system, params_)
-            run = self._functions(prob, tangents.shape[0])
-            stages.start("stability analysis" if self.stability is not None else "rigid modes")
-            fmax_now, (basis, n_soft, lam_min, lam_max) = self._checked(prob, "a sensitivity")
+            fmax_now = check_stationary(prob, self.strict, self.strict_fmax, "a sensitivity")
             R = system.positions
+
+            def arguments(basis):
+                return (R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
+
             # all columns are one batched program: one stage, not one per column
-            stages.start(f"{len(names)} implicit solve{'s' if len(names) != 1 else ''} and error estimates")
-            (dR, info, beta, gamma, g, g_norm, e_norm, newton_length, residuals), partial = run(
-                R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
+            out, (basis, n_soft, lam_min, lam_max), check = self._solved(prob, fmax_now, arguments, len(names),
+                                                                         stages)
+            (dR, info, beta, gamma, g, g_norm, e_norm, newton_length, residuals, _), partial = out
             dR = np.asarray(dR)  # waits for the program, so the stage ends when the solves do
         rel = np.asarray(info.relative_residual)
         _report_solve(np.asarray(info.converged), rel, names, self.on_failure)
@@ -613,6 +717,7 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             relax_converged=prob.converged,
             param_shapes=shapes,
             indices=np.asarray(idx),
+            stability_check=check,
         )
 
 

@@ -41,6 +41,9 @@ __all__ = [
     "rigid_modes",
     "find_isolated_dofs",
     "stability",
+    "known_modes",
+    "KnownModes",
+    "stability_from_lanczos",
     "check_spectrum",
     "ISOLATED_DOF_PROBES",
 ]
@@ -395,23 +398,38 @@ def _lanczos_spectrum(energy, R, args, blocks, Qf, free, o) -> Optional[_Spectru
     while k < m:
         V, alpha, beta = _lanczos_steps(energy, R, args, blocks, known, free_j, V, alpha, beta, k, _LANCZOS_CHUNK)
         k += _LANCZOS_CHUNK
-        a, b = np.asarray(alpha)[:k], np.asarray(beta)[:k]
-        broke = np.flatnonzero(b <= 1e-12 * max(np.abs(a).max(), 1e-300))
-        size = int(broke[0]) + 1 if broke.size else k  # an invariant subspace: exact Ritz values
-        theta, S = scipy.linalg.eigh_tridiagonal(a[:size], b[:size - 1])
-        resid = np.abs(b[size - 1] * S[-1]) if not broke.size else np.zeros(size)
-        lam_max = float(max(np.abs(theta).max(), 1e-300))
-        soft = np.abs(theta) <= o.soft_mode_rtol * lam_max
-        if np.any(soft & (resid <= o.residual_rtol * lam_max)):
-            return None  # a soft mode: LOBPCG declares them all
-        j = int(np.argmin(theta))
-        bound = max(o.residual_rtol * lam_max, o.lambda_min_rtol * abs(theta[j]))
-        if not soft[j] and resid[j] <= bound:
-            good = resid <= np.maximum(o.residual_rtol * lam_max, o.lambda_min_rtol * np.abs(theta))
-            return _Spectrum(theta[good], theta[good], np.zeros((dof, 0)), lam_max, True, False, "lanczos")
-        if broke.size or k >= n_comp:
+        verdict, invariant = _ritz_verdict(np.asarray(alpha)[:k], np.asarray(beta)[:k], dof, o)
+        if verdict is not _UNDECIDED:
+            return verdict
+        if invariant or k >= n_comp:
             break
     return None
+
+
+_UNDECIDED = object()
+
+
+def _ritz_verdict(diagonal, off_diagonal, dof, o, method="lanczos"):
+    """``(verdict, invariant)`` from a Lanczos tridiagonal (``off_diagonal[-1]`` couples it
+    to the next vector): the :class:`_Spectrum` once ``λ_min`` has converged by the
+    stopping rule, ``None`` on a converged soft Ritz pair (one start vector cannot resolve
+    a degenerate zero eigenspace: LOBPCG's job), else ``_UNDECIDED``; ``invariant`` when
+    the Krylov space stopped growing (its Ritz values are exact)."""
+    a, b = diagonal, off_diagonal
+    broke = np.flatnonzero(b <= 1e-12 * max(np.abs(a).max(), 1e-300))
+    size = int(broke[0]) + 1 if broke.size else a.size
+    theta, S = scipy.linalg.eigh_tridiagonal(a[:size], b[:size - 1])
+    resid = np.abs(b[size - 1] * S[-1]) if not broke.size else np.zeros(size)
+    lam_max = float(max(np.abs(theta).max(), 1e-300))
+    soft = np.abs(theta) <= o.soft_mode_rtol * lam_max
+    if np.any(soft & (resid <= o.residual_rtol * lam_max)):
+        return None, bool(broke.size)
+    j = int(np.argmin(theta))
+    bound = max(o.residual_rtol * lam_max, o.lambda_min_rtol * abs(theta[j]))
+    if not soft[j] and resid[j] <= bound:
+        good = resid <= np.maximum(o.residual_rtol * lam_max, o.lambda_min_rtol * np.abs(theta))
+        return _Spectrum(theta[good], theta[good], np.zeros((dof, 0)), lam_max, True, False, method), bool(broke.size)
+    return _UNDECIDED, bool(broke.size)
 
 
 def _lobpcg_spectrum(energy, R, args, blocks, Qf, free, o) -> _Spectrum:
@@ -508,19 +526,60 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
     """
     o = StabilityOptions() if options is None else options
     R = jnp.asarray(positions, jnp.float64)
-    n, d = R.shape
-    dof = n * d
     method = o.method
     if method == "auto":
-        method = "dense" if dof <= o.dense_max_dof else "lanczos"
+        method = "dense" if R.size <= o.dense_max_dof else "lanczos"
 
+    known = known_modes(energy, R, pbc, o, args=args, blocks=blocks)
+    args = tuple(args)
+    if method == "dense":
+        found = _dense_spectrum(energy, R, args, blocks, known.Qf, known.free, o)
+    else:
+        found = _lanczos_spectrum(energy, R, args, blocks, known.Qf, known.free, o) if method == "lanczos" else None
+        if found is None:  # soft modes, an unconverged Lanczos, or method="lobpcg"
+            found = _lobpcg_spectrum(energy, R, args, blocks, known.Qf, known.free, o)
+            if method == "lanczos":
+                found = found._replace(method="lanczos+lobpcg")
+    return _report(known, found, o)
+
+
+class KnownModes(NamedTuple):
+    """The zero modes known before any eigen-analysis: rigid modes and isolated dofs.
+
+    Attributes:
+      rigid: ``(k, N, d)`` orthonormal rigid modes.
+      isolated_dofs: indices of the flattened coordinates whose Hessian row is zero.
+      free: ``(N·d,)`` bool, False at the isolated dofs.
+      Qf: ``(N·d, k')`` the rigid modes restricted to the free dofs, orthonormal.
+      isolated_modes: ``(m, N·d)`` orthonormal basis of the isolated dofs' unit vectors,
+        orthogonal to ``rigid``.
+    """
+
+    rigid: np.ndarray
+    isolated_dofs: np.ndarray
+    free: np.ndarray
+    Qf: np.ndarray
+    isolated_modes: np.ndarray
+
+    @property
+    def basis(self) -> np.ndarray:
+        """``(k + m, N, d)``: what a stability report's basis is when there is no soft mode."""
+        n, d = self.rigid.shape[1:]
+        return np.concatenate([self.rigid, self.isolated_modes.reshape(-1, n, d)], axis=0)
+
+
+def known_modes(energy: Callable, positions, pbc: bool, options: Optional[StabilityOptions] = None, *,
+                args: tuple = (), blocks=None) -> KnownModes:
+    """The rigid modes and the isolated dofs (two Hessian-vector products) of ``positions``."""
+    o = StabilityOptions() if options is None else options
+    R = jnp.asarray(positions, jnp.float64)
+    dof = R.size
     rigid = rigid_modes(R, pbc)
     Q = rigid.reshape(rigid.shape[0], -1).T  # (dof, k) orthonormal, host
-    args = tuple(args)
     if o.isolated_dof_rtol is None:
         iso = np.zeros(0, dtype=np.int64)
     else:
-        iso = find_isolated_dofs(energy, R, rtol=o.isolated_dof_rtol, args=args, blocks=blocks)
+        iso = find_isolated_dofs(energy, R, rtol=o.isolated_dof_rtol, args=tuple(args), blocks=blocks)
     free = np.ones(dof, dtype=bool)
     free[iso] = False
     # Known modes as a mask plus a few dense vectors: the rigid modes restricted to the
@@ -529,27 +588,51 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
     # projection is "zero the isolated dofs, then subtract the Q_f components": O(dof·k),
     # with no (r, dof) matrix of unit vectors however many rattlers there are.
     Qf = _free_rigid_modes(Q, free)
-    iso_modes = _isolated_modes(Q, Qf, iso)  # (m, dof): the report's basis needs them
+    return KnownModes(rigid, iso, free, Qf, _isolated_modes(Q, Qf, iso))
 
-    if method == "dense":
-        found = _dense_spectrum(energy, R, args, blocks, Qf, free, o)
-    else:
-        found = _lanczos_spectrum(energy, R, args, blocks, Qf, free, o) if method == "lanczos" else None
-        if found is None:  # soft modes, an unconverged Lanczos, or method="lobpcg"
-            found = _lobpcg_spectrum(energy, R, args, blocks, Qf, free, o)
-            if method == "lanczos":
-                found = found._replace(method="lanczos+lobpcg")
 
-    soft = np.concatenate([iso_modes, found.soft.T], axis=0).reshape(-1, n, d)
+def stability_from_lanczos(known: KnownModes, tridiagonal, options: Optional[StabilityOptions] = None
+                           ) -> Optional[StabilityReport]:
+    """The stability report from a Lanczos tridiagonal of the Hessian on the complement of
+    ``known`` (e.g. :func:`mdsens.linear_solve.cg_lanczos` of a random right-hand side),
+    by :func:`stability`'s stopping rule and thresholds; ``None`` when it cannot decide
+    (a soft Ritz pair, or ``λ_min`` not converged): run :func:`stability` then.
+
+    Raises and warns as :func:`stability`.
+    """
+    o = StabilityOptions() if options is None else options
+    steps = int(tridiagonal.steps)
+    diagonal = np.asarray(tridiagonal.diagonal)[:steps]
+    off_diagonal = np.asarray(tridiagonal.off_diagonal)[:steps]
+    # Every leading block T_k is the Lanczos matrix of step k. Without reorthogonalization
+    # a converged pair's ghost copy can inflate the last step's residuals, so earlier
+    # blocks are tried too; any one that meets the stopping rule certifies λ_min.
+    for size in range(steps, 1, -_PREFIX_STRIDE):
+        found, _ = _ritz_verdict(diagonal[:size], off_diagonal[:size], known.free.size, o, method="cg-lanczos")
+        if found is None:
+            return None
+        if found is not _UNDECIDED:
+            return _report(known, found, o)
+    return None
+
+
+#: Step between the leading blocks of a CG-Lanczos tridiagonal that are tried.
+_PREFIX_STRIDE = 5
+
+
+def _report(known: KnownModes, found: _Spectrum, o: StabilityOptions) -> StabilityReport:
+    """The report of a spectrum, after its checks (saddle, near-singular) and warnings."""
+    n, d = known.rigid.shape[1:]
+    soft = np.concatenate([known.isolated_modes, found.soft.T], axis=0).reshape(-1, n, d)
     if found.exhausted:
         lam_min = float("nan")
     else:
         lam_min = float(found.rest.min()) if found.rest.size else float("inf")
     report = StabilityReport(
-        eigenvalues=found.eigenvalues, lambda_min=lam_min, lambda_max=found.lam_max, rigid=rigid, soft=soft,
-        method=found.method, converged=found.converged, isolated_dofs=iso,
+        eigenvalues=found.eigenvalues, lambda_min=lam_min, lambda_max=found.lam_max, rigid=known.rigid, soft=soft,
+        method=found.method, converged=found.converged, isolated_dofs=known.isolated_dofs,
     )
-    check_spectrum(found.rest, found.lam_max, o, "the structure", "the rigid modes", stacklevel=3)
+    check_spectrum(found.rest, found.lam_max, o, "the structure", "the rigid modes", stacklevel=4)
     if found.exhausted and o.warn:
         warnings.warn(
             f"LOBPCG found only soft modes in {o.rounds} rounds ({found.soft.shape[1]} of them, "
@@ -558,7 +641,7 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
             "more; use StabilityOptions(method='dense') if the system is small enough, or check "
             "the structure for a floppy region.",
             NearSingularWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     elif not found.converged and o.warn:
         warnings.warn(
@@ -566,6 +649,6 @@ def stability(energy: Callable, positions, pbc: bool, options: Optional[Stabilit
             "smallest eigenpairs exceed residual_rtol·λ_max, and lambda_min_rtol·|λ_min| for the "
             f"smallest); the smallest eigenvalue estimate {lam_min:.6g} is an upper bound.",
             NearSingularWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return report
