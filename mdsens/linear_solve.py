@@ -1,9 +1,11 @@
 """``mdsens.linear_solve``: the core's linear solvers (see :mod:`mdsens.implicit.linear_solve`)."""
 
 from mdsens.implicit.linear_solve import (  # noqa: F401
+    LanczosTridiagonal,
     SolveInfo,
     bicgstab,
     cg,
+    cg_lanczos,
     cholesky,
     gmres,
     lstsq,
@@ -11,4 +13,5 @@ from mdsens.implicit.linear_solve import (  # noqa: F401
     minres,
 )
 
-__all__ = ["SolveInfo", "cg", "minres", "gmres", "bicgstab", "lu", "cholesky", "lstsq"]
+__all__ = ["SolveInfo", "cg", "cg_lanczos", "LanczosTridiagonal", "minres", "gmres", "bicgstab", "lu", "cholesky",
+           "lstsq"]

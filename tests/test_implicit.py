@@ -352,6 +352,34 @@ def test_minres_and_gmres_handle_symmetric_indefinite_where_cg_reports_breakdown
     assert not bool(info.converged)
 
 
+def test_cg_lanczos_tridiagonal_has_the_extreme_eigenvalues():
+    """CG's Lanczos tridiagonal: its Ritz values span the spectrum of A (numpy eigvalsh)
+    once CG has converged, its first k × k block is the Lanczos matrix of A on the
+    Krylov space of b (Ritz values equal those of the explicit orthonormal basis), and
+    the solution is CG's."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(4)
+    Q, _ = np.linalg.qr(rng.normal(size=(80, 80)))
+    w = np.geomspace(0.05, 40.0, 80)
+    A = (Q * w) @ Q.T
+    b = rng.normal(size=80)
+    x, info, T = linear_solve.cg_lanczos(lambda v: A @ v, b, steps=200, tol=1e-12)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-9)
+    x_cg, _ = linear_solve.cg(lambda v: A @ v, b, tol=1e-12)
+    np.testing.assert_array_equal(x, x_cg)
+    k = int(T.steps)
+    assert k == int(info.iterations) and bool(info.converged)
+    ritz = scipy.linalg.eigh_tridiagonal(np.asarray(T.diagonal)[:k], np.asarray(T.off_diagonal)[:k - 1],
+                                         eigvals_only=True)
+    np.testing.assert_allclose([ritz.min(), ritz.max()], [w[0], w[-1]], rtol=1e-8)
+    # the 6-step block against Lanczos by hand: Rayleigh–Ritz on the orthonormalized Krylov basis
+    K = np.linalg.qr(np.stack([np.linalg.matrix_power(A, j) @ b for j in range(6)], axis=1))[0]
+    ritz6 = scipy.linalg.eigh_tridiagonal(np.asarray(T.diagonal)[:6], np.asarray(T.off_diagonal)[:5],
+                                          eigvals_only=True)
+    np.testing.assert_allclose(ritz6, np.linalg.eigvalsh(K.T @ A @ K), rtol=1e-9)
+
+
 def test_cholesky_flags_indefinite_matrix():
     A = np.diag([1.0, -1.0, 2.0])
     _, info = linear_solve.cholesky(lambda v: A @ v, np.ones(3))
