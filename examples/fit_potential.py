@@ -25,8 +25,8 @@ atoms (forces vanish by symmetry), so a₀ and C_IJ come from its 2-atom primiti
 closed form, differentiated with ``jax.grad``: a₀ by one Newton step on the zero-pressure
 condition (1-D implicit differentiation), the relaxed-ion constants as
 ``C = (C⁰ − Λᵀ H⁻¹ Λ)/V`` with the 3×3 internal-strain Hessian H (Kleinman relaxation of
-C44). ``ms.elastic_constants`` returns numpy arrays (not differentiable w.r.t. θ), which
-is why the model uses this closed form; the default run generates (a) and (c) with the
+C44). The model's C_IJ follow a₀(θ), while ``ms.elastic_constants(..., wrt=...)`` gives
+dC/dθ at fixed cell, so the closed form (which chains both) stays; the default run generates (a) and (c) with the
 library — ``ms.relax(..., relax_cell=True)`` of the 64-atom crystal and
 ``ms.elastic_constants`` of it — so the recovered θ also checks the closed form against
 them. ``--quick`` generates them from the closed form (what the test runs).

@@ -59,7 +59,7 @@ from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
 from mdsens.md.progress import structure_stages
-from mdsens.md.sensitivity import _select, estimate_options, linearity, newton, parameter_labels
+from mdsens.md.sensitivity import select_parameters, estimate_options, linearity, newton, parameter_labels
 from mdsens.md.strain import deformation_gradient, voigt_names
 
 __all__ = ["ElasticConstants", "elastic_constants", "make_elastic_constants"]
@@ -254,7 +254,7 @@ def _wanted(params, wrt):
         raise OptionError(f"wrt must be None, 'params', a parameter name or a list of names; got {wrt!r}.")
     labels = parameter_labels(params)
     try:
-        idx = _select(labels, wrt)
+        idx = select_parameters(labels, wrt)
     except UnknownParameterError as err:
         message = err.args[0].replace("Pass wrt='params', 'cell', or", "Pass wrt='params' or")
         raise UnknownParameterError(message.replace("pass wrt='params', 'cell', or", "pass wrt='params' or")) from None

@@ -23,7 +23,9 @@ The policy (stated in full in ``docs/design.md``, "Neighbor lists"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from typing import NamedTuple, Optional
 
 import jax
@@ -77,6 +79,18 @@ def metric_box(cell):
     _, r = xp.linalg.qr(xp.asarray(cell, dtype=np.float64).T)
     signs = xp.where(xp.diagonal(r) < 0, -1.0, 1.0)
     return signs[:, None] * r
+
+
+@contextlib.contextmanager
+def _jax_md_index_casts():
+    """Silence one known, harmless FutureWarning of jax-md 0.2.29 under float64: its cell
+    list builds candidate indices as int64 (``jnp.arange`` with x64) and scatters them
+    into an int32 list (values < N, an exact cast). Raised while tracing, so this covers
+    the compiled relaxation loop too. JAX announces it will become an error; see
+    docs/design.md §10."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="scatter inputs have incompatible types", category=FutureWarning)
+        yield
 
 
 class ShortList(NamedTuple):
@@ -374,7 +388,8 @@ class NeighborListFn:
         """
         if self.cell_list and self.n_atoms > HOST_ALLOCATION_MAX_ATOMS:
             x, kw = self._frac(positions, cell)
-            nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
+            with _jax_md_index_casts():
+                nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
         else:
             nbrs, kw = self._allocate_all_pairs(positions, cell, extra_capacity)
         out = Neighbors(nbrs, kw.get("box"), self.cutoff, self.skin)
@@ -479,7 +494,8 @@ class NeighborListFn:
             # (|0.5 (1,..,1) @ cell| >= h_min / 2 > cutoff > skin / 2).
             ref = jnp.where(strained, nbrs.reference_position + 0.5, nbrs.reference_position)
             nbrs = dataclasses.replace(nbrs, reference_position=ref)
-        new = self._fns.update(x, nbrs, **kw)
+        with _jax_md_index_casts():
+            new = self._fns.update(x, nbrs, **kw)
         if self.periodic:
             rebuilt = jnp.any(new.reference_position != nbrs.reference_position)
             ref_box = jnp.where(rebuilt, kw["box"], ref_box)

@@ -115,7 +115,7 @@ def _split_names(text: str) -> list:
     return [t.strip() for t in re.split(r",(?![^\[]*\])", text) if t.strip()]
 
 
-def _select(labels: tuple, wrt) -> np.ndarray:
+def select_parameters(labels: tuple, wrt) -> np.ndarray:
     """Indices of the scalar parameters named by ``wrt`` (leaf names or element labels)."""
     if wrt == "params" or wrt is None:
         return np.arange(len(labels))
@@ -653,7 +653,7 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             names, tangents = _directions(wrt, params)
             return jnp.asarray(theta), tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
         labels = parameter_labels(params)
-        idx = _select(labels, wrt)
+        idx = select_parameters(labels, wrt)
         return (jnp.asarray(theta), jnp.asarray(np.eye(theta.size)[idx]), tuple(labels[i] for i in idx),
                 theta[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
 
