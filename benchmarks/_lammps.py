@@ -222,14 +222,17 @@ class Lammps:
         return self.energy(), self.forces(), self.stress()
 
     # -- minimization -----------------------------------------------------------------
-    def minimize(self, ftol: float, *, etol: float = 0.0, maxiter: int = 200_000, min_style: str = "cg") -> dict:
+    def minimize(self, ftol: float, *, etol: float = 0.0, maxiter: int = 200_000, min_style: str = "cg",
+                 modify: Sequence[str] = ()) -> dict:
         """``minimize etol ftol maxiter 10·maxiter`` from the current positions.
 
         LAMMPS's ``ftol`` bounds the 2-norm of the whole 3N force vector (so every per-atom
-        norm too). Returns wall time, iterations, force evaluations, stopping criterion,
-        final energy and ``fmax`` (max per-atom |F|) and ``fnorm``.
+        norm too). ``modify``: ``min_modify`` arguments (e.g. ``"line forcezero"``), issued
+        after ``min_style``, which resets them. Returns wall time, iterations, force
+        evaluations, stopping criterion, final energy and ``fmax`` (max per-atom |F|) and
+        ``fnorm``.
         """
-        self.command(f"min_style {min_style}")
+        self.command(f"min_style {min_style}", *(f"min_modify {m}" for m in modify))
         # A fresh log per minimization ("log FILE" truncates): only its statistics are read.
         self.command(f"log {self.log_path}")
         t0 = time.perf_counter()

@@ -76,3 +76,46 @@ def test_batch_benchmark_smoke(tmp_path):
     for r in rows:
         assert r["batch_converged"] == 2
         assert max(abs(a - b) for a, b in zip(r["batch_energy"], loop)) < 1e-10 * max(abs(e) for e in loop)
+
+
+_LAMMPS_MODELS_CHECK = r"""
+import importlib.util, os, sys
+import numpy as np
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location("bench_lammps_script", os.path.join(root, "benchmarks", "lammps.py"))
+bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(bench)  # needs no LAMMPS until main() runs past its arguments
+from _lammps import pair_setup
+
+label, system, pot = bench.LJ.build(3)
+assert system.n_atoms == 107, system.n_atoms
+assert min(np.diag(np.asarray(system.cell))) > 2 * float(pot.params["r_cutoff"])
+params = {k: float(pot.params[k]) for k in bench.LJ.names}
+assert params == {"epsilon": 0.0104, "sigma": 3.4}, params
+commands = pair_setup(bench.LJ.potential(dict(params, sigma=3.5)), workdir=".").commands
+assert commands == ["pair_style lj/charmm/coul/charmm 6.0 7.5", "pair_coeff 1 1 0.0104 3.5"], commands
+assert bench.LJ.fd_step("epsilon", 0.0104) == bench.LJ_RELATIVE_STEP * 0.0104
+
+label, system, pot = bench.SW.build(2)
+assert system.n_atoms == 63
+same = bench.SW.potential(pot.params)
+assert all(float(same.params[k]) == float(pot.params[k]) for k in bench.SW.names)
+assert bench.SW.fd_step("q", 0.0) == bench.DEFAULT_RELATIVE_STEP  # the floor of 1
+
+try:
+    bench.main(["--lj-sizes", "2"])
+except SystemExit as exc:
+    assert exc.code == 2, exc.code
+else:
+    raise AssertionError("--lj-sizes 2 accepted")
+print("ok")
+"""
+
+
+def test_lammps_benchmark_models(tmp_path):
+    """benchmarks/lammps.py's SW and LJ model descriptions, without LAMMPS: the LJ cell
+    (N = 107, wider than 2 r_c), the LAMMPS commands for perturbed parameters, the FD
+    steps, and the refusal of a cell narrower than 2 r_c."""
+    proc = subprocess.run([sys.executable, "-c", _LAMMPS_MODELS_CHECK, ROOT], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
