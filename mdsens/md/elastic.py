@@ -54,7 +54,6 @@ from mdsens import jacobian_error
 from mdsens.errors import LinearSolveError, LinearSolveWarning, OptionError, check_policy, report
 from mdsens.implicit import linear_solve, root_jvp
 from mdsens.md import cache
-from mdsens.md.errors import UnknownParameterError
 from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
@@ -149,6 +148,13 @@ class ElasticConstants:
         return self.table()
 
 
+def _strain_column(F, R, theta0, t, nullspace, solve, hessian):
+    """``(dU/dε·t, SolveInfo, Λ·t)``: one internal-strain solve and its coupling column."""
+    dU, info = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace,
+                        symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
+    return dU, info, jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
+
+
 def _internal(E_s, R, basis, solve, hessian):
     """Born Hessian, internal strain dU/dε, Λ·dU and the first-order error of Λ·dU + Born
     along the Newton step (jit-able).
@@ -172,9 +178,7 @@ def _internal(E_s, R, basis, solve, hessian):
     shifted = R + step * delta / jnp.where(length > 0, length, 1.0)
 
     def one(t):
-        dU, info = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace,
-                            symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
-        lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
+        dU, info, lam = _strain_column(F, R, theta0, t, nullspace, solve, hessian)
         e, _, _, _ = jacobian_error.first_order_error(F, R, theta0, delta, dU, t, **loose)
         # column I of Born + Λᵀ dU is the tangent of ∇_ε E_s along (dU_I, t_I)
         m0, m1 = jax.vmap(lambda x: jax.jvp(grad_eps, (x, theta0), (dU, t))[1])(jnp.stack([R, shifted]))
@@ -198,13 +202,8 @@ def _constants(E_s, R, basis, solve, hessian):
     born = jax.jacfwd(jax.jacfwd(E_s, argnums=1), argnums=1)(R, theta0)
     nullspace = lambda x, th: basis  # noqa: E731
 
-    def one(t):
-        dU = root_jvp(F, R, (theta0,), (t,), solve=solve, nullspace=nullspace, symmetric=True,
-                      on_failure="ignore", operator=hessian)
-        lam = jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
-        return dU, lam
-
-    dU, lam = jax.vmap(one)(jnp.eye(n_voigt, dtype=jnp.float64))
+    dU, _, lam = jax.vmap(lambda t: _strain_column(F, R, theta0, t, nullspace, solve, hessian))(
+        jnp.eye(n_voigt, dtype=jnp.float64))
     return born, jnp.einsum("jnd,ind->ij", lam, dU)
 
 
@@ -253,11 +252,7 @@ def _wanted(params, wrt):
     if not isinstance(wrt, (str, list, tuple)):
         raise OptionError(f"wrt must be None, 'params', a parameter name or a list of names; got {wrt!r}.")
     labels = parameter_labels(params)
-    try:
-        idx = select_parameters(labels, wrt)
-    except UnknownParameterError as err:
-        message = err.args[0].replace("Pass wrt='params', 'cell', or", "Pass wrt='params' or")
-        raise UnknownParameterError(message.replace("pass wrt='params', 'cell', or", "pass wrt='params' or")) from None
+    idx = select_parameters(labels, wrt, cell=False)
     chosen, names = set(idx.tolist()), []
     for i in idx:
         leaf = labels[i].split("[")[0]

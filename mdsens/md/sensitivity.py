@@ -115,12 +115,14 @@ def _split_names(text: str) -> list:
     return [t.strip() for t in re.split(r",(?![^\[]*\])", text) if t.strip()]
 
 
-def select_parameters(labels: tuple, wrt) -> np.ndarray:
-    """Indices of the scalar parameters named by ``wrt`` (leaf names or element labels)."""
+def select_parameters(labels: tuple, wrt, *, cell: bool = True) -> np.ndarray:
+    """Indices of the scalar parameters named by ``wrt`` (leaf names or element labels);
+    ``cell``: whether the caller also takes ``wrt='cell'`` (its errors offer it)."""
     if wrt == "params" or wrt is None:
         return np.arange(len(labels))
     if isinstance(wrt, str):
         wrt = _split_names(wrt)
+    choices = "'cell', or " if cell else "or "
     chosen = []
     for name in wrt:
         name = str(name).replace(" ", "")
@@ -129,11 +131,11 @@ def select_parameters(labels: tuple, wrt) -> np.ndarray:
             leaves = sorted({lab.split("[")[0] for lab in labels})
             raise UnknownParameterError(
                 f"no parameter {name!r}; this potential has {leaves} (elements as "
-                f"{list(labels)}). Pass wrt='params', 'cell', or a list of those names."
+                f"{list(labels)}). Pass wrt='params', {choices}a list of those names."
             )
         chosen.extend(h for h in hits if h not in chosen)
     if not chosen:
-        raise UnknownParameterError("wrt names no parameter; pass wrt='params', 'cell', or parameter names.")
+        raise UnknownParameterError(f"wrt names no parameter; pass wrt='params', {choices}parameter names.")
     return np.asarray(chosen, dtype=int)
 
 
