@@ -63,6 +63,42 @@ def test_automatic_switch_at_documented_size():
     assert abs(float(pot.energy(system)) - e_dense) < 1e-12 * abs(e_dense)
 
 
+def binary_packing(n, seed=0):
+    """A 2D binary soft-sphere packing (diameters 0.6 and 1, as the paper's figure) at
+    packing fraction 0.98."""
+    side = np.sqrt(n * np.pi * (1 + 0.6**2) / 8 / 0.98)
+    pos = np.random.default_rng(seed).uniform(0, side, (n, 2))
+    system = ms.System(positions=pos, cell=np.eye(2) * side, species=np.arange(n) % 2, symbols=("A", "B"), pbc=True)
+    return system, SoftSphere(sigma=[[0.6, 0.8], [0.8, 1.0]], alpha=2.0, symbols=("A", "B"))
+
+
+def test_automatic_switch_below_500_atoms_follows_the_cell_share_of_the_list_sphere():
+    packing, soft = binary_packing(128)
+    side = float(packing.cell[0, 0])
+    share = neighbors.list_share(packing, soft.cutoff())
+    assert abs(share - np.pi * (1.1 * 1.0) ** 2 / side**2) < 1e-12  # closed form: disc / cell
+    assert share <= neighbors.SPARSE_LIST_MAX_SHARE and soft.uses_neighbor_list(packing)
+    small, _ = binary_packing(neighbors.SPARSE_LIST_MIN_ATOMS - 2)
+    assert not soft.uses_neighbor_list(small)  # too few atoms for any list to pay
+    crowded = ar(repeat=4)  # 255 atoms; the 3σ sphere (+10 % skin) covers 64 % of the cell
+    lj = LennardJones(SIGMA, EPS)
+    assert neighbors.list_share(crowded, lj.cutoff()) > neighbors.SPARSE_LIST_MAX_SHARE
+    assert not lj.uses_neighbor_list(crowded)
+    assert LennardJones(SIGMA, EPS, r_cutoff=7.5, r_onset=6.0).uses_neighbor_list(ar(repeat=5))  # share 0.13
+    assert neighbors.list_share(packing.replace(pbc=False), soft.cutoff()) is None  # free: the count alone
+
+
+def test_jit_of_relax_falls_back_to_all_pairs_when_lists_were_chosen_automatically():
+    system, pot = binary_packing(128)
+    host = ms.relax(system, pot, fmax=1e-10, max_steps=100000)
+    assert host.neighbor is not None  # the automatic choice: a list
+    start = system.replace(positions=host.system.positions + 1e-3 * np.random.default_rng(1).normal(size=(128, 2)))
+    energy = jax.jit(lambda p: ms.relax(start, pot, params=p, fmax=1e-10, max_steps=100000).energy)(pot.params)
+    assert abs(float(energy) - float(host.energy)) < 1e-10 * abs(float(host.energy))
+    with pytest.raises(ms.OptionError, match="neighbor_list=False"):
+        jax.jit(lambda p: ms.relax(start, pot, params=p, neighbor_list=True).energy)(pot.params)
+
+
 def test_neighbor_list_equals_dense_lj_and_free_cluster():
     system = ar()
     pot = LennardJones(SIGMA, EPS)

@@ -117,7 +117,7 @@ class Calculator(ase_calculator.Calculator):
                 "structure periodic with enough vacuum."
             )
         params = self.pot.check(system, self._params)  # SpeciesError, CutoffError, ...
-        use_nl = uses_neighbor_list(self.pot, system.n_atoms, self.neighbor_options)
+        use_nl = uses_neighbor_list(self.pot, system, self.neighbor_options)
         program = cache.memoized(
             ("calculator", self.pot.cache_key(), cache.layout_key(system), use_nl),
             lambda: _compile(self.pot, system, use_nl, params))

@@ -73,11 +73,11 @@ class RelaxResult(NamedTuple):
     neighbor: Any = None
 
 
-def uses_neighbor_list(pot, n_atoms: int, options) -> bool:
-    """Whether a system of ``n_atoms`` uses lists under ``options`` (a NeighborListOptions)."""
+def uses_neighbor_list(pot, system, options) -> bool:
+    """Whether ``system`` uses lists under ``options`` (a NeighborListOptions)."""
     if options.enabled is not None:
         return bool(options.enabled)
-    return neighbors.use_neighbor_list(n_atoms, pot.neighbor_list_min_atoms)
+    return pot.uses_neighbor_list(system)
 
 
 class HostRelaxation:
@@ -100,7 +100,7 @@ class HostRelaxation:
         self.pot = pot
         self.template = system
         self.relax_cell = bool(relax_cell)
-        self.use_nl = uses_neighbor_list(pot, system.n_atoms, self.neighbor_options)
+        self.use_nl = uses_neighbor_list(pot, system, self.neighbor_options)
         # Short lists are exact only where every energy is evaluated at the positions the
         # list was just updated to: L-BFGS and gradient descent do that, FIRE does not
         # (it updates, then moves the atoms, then evaluates).

@@ -3,8 +3,10 @@
 The policy (stated in full in ``docs/design.md``, "Neighbor lists"):
 
 * Lists are used from ``pot.neighbor_list_min_atoms`` atoms (500 for pair potentials,
-  128 for Tersoff, 32 for Stillinger–Weber, whose dense three-body paths are O(N³));
-  :class:`~mdsens.md.options.NeighborListOptions` overrides it.
+  128 for Tersoff and EAM, 32 for Stillinger–Weber, whose dense three-body paths are
+  O(N³)), and from :data:`SPARSE_LIST_MIN_ATOMS` atoms in a periodic cell of which one
+  list sphere covers at most :data:`SPARSE_LIST_MAX_SHARE` (the list then keeps that share
+  of the pairs); :class:`~mdsens.md.options.NeighborListOptions` overrides it.
 * Lists are jax-md ``Dense`` (full) lists on fractional coordinates, covering
   ``cutoff + margin + skin``; :meth:`NeighborListFn.update` (pure, jit-able) rebuilds
   when an atom moved more than ``skin/2`` or the box deformed beyond ``margin``.
@@ -42,6 +44,14 @@ from mdsens.md.system import System
 NEIGHBOR_LIST_MIN_ATOMS = 500
 #: Default skin, relative to the cutoff (skin = 0.1 * cutoff).
 DEFAULT_SKIN_FRACTION = 0.1
+#: Below ``neighbor_list_min_atoms``, lists are still used in a periodic cell of which one
+#: list sphere (radius ``cutoff + skin``) covers at most this share: measured on the CPU,
+#: lists relax LJ fcc Ar 1.7x faster at a share of 0.25 (N = 255) and 3.2x at 0.13
+#: (N = 499), a 2D soft-sphere packing 3.6x faster at 0.05 (N = 128); dense is 1.4x
+#: faster at 0.6 (N = 107). docs/design.md §10.
+SPARSE_LIST_MAX_SHARE = 0.3
+#: ... and from this many atoms: below it, all pairs cost less than any list upkeep.
+SPARSE_LIST_MIN_ATOMS = 64
 #: Default strain margin, relative to the skin (margin = 0.5 * skin).
 DEFAULT_MARGIN_FRACTION = 0.5
 #: Largest memory (bytes) a cell list may take before the O(N²) build or an error.
@@ -63,9 +73,30 @@ SHORT_SLACK = 1
 SHORT_MAX_FILL = 0.5
 
 
-def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS) -> bool:
-    """The automatic choice: ``n_atoms >= min_atoms``."""
-    return int(n_atoms) >= int(min_atoms)
+def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS,
+                      share: Optional[float] = None) -> bool:
+    """The automatic choice: ``n_atoms >= min_atoms``, or a sparse periodic cell (``share``,
+    from :func:`list_share`, at most :data:`SPARSE_LIST_MAX_SHARE`) of at least
+    :data:`SPARSE_LIST_MIN_ATOMS` atoms."""
+    n = int(n_atoms)
+    if n >= int(min_atoms):
+        return True
+    return share is not None and n >= SPARSE_LIST_MIN_ATOMS and share <= SPARSE_LIST_MAX_SHARE
+
+
+def list_share(system: System, cutoff: float) -> Optional[float]:
+    """The share of a periodic cell inside one default list sphere (radius
+    ``cutoff · (1 + DEFAULT_SKIN_FRACTION)``): the fraction of all pairs a list keeps.
+
+    ``None`` for a free system or a cell that is not concrete (traced): the choice then
+    falls back to the atom count alone.
+    """
+    if not system.pbc or system.cell is None or isinstance(system.cell, jax.core.Tracer):
+        return None
+    volume = abs(float(np.linalg.det(np.asarray(system.cell, dtype=np.float64))))
+    radius = float(cutoff) * (1.0 + DEFAULT_SKIN_FRACTION)
+    ball = 4.0 / 3.0 * np.pi * radius**3 if system.dim == 3 else np.pi * radius**2
+    return ball / volume if volume > 0 else None
 
 
 def metric_box(cell):

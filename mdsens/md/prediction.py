@@ -115,7 +115,7 @@ class _Evaluator:
 
 def evaluator(pot, system, params, neighbor_list=None) -> _Evaluator:
     """The memoized :class:`_Evaluator` for ``pot`` and the layout of ``system``."""
-    use_nl = uses_neighbor_list(pot, system.n_atoms, as_neighbor_list(neighbor_list))
+    use_nl = uses_neighbor_list(pot, system, as_neighbor_list(neighbor_list))
     key = ("prediction_evaluator", pot.cache_key(), cache.layout_key(system), use_nl)
     return cache.memoized(key, lambda: _Evaluator(pot, system, use_nl, params))
 

@@ -117,7 +117,7 @@ class ProblemBuilder:
         pot = self.pot
         params = pot.check(system, pot.params if params is None else params)
         cutoff = pot.cutoff(params)
-        use_nl = neighbor is not None or uses_neighbor_list(pot, system.n_atoms, self.neighbor_options)
+        use_nl = neighbor is not None or uses_neighbor_list(pot, system, self.neighbor_options)
         layout = (system.n_atoms, system.dim, system.pbc, system.symbols,
                   tuple(np.asarray(system.species).tolist()), use_nl)
         if layout not in self._energy:

@@ -98,6 +98,7 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
                                    neighbor_list=neighbor_list)
         self.cell = CellRelaxation(self.host, self.solve, self.stability, self.on_failure) if relax_cell else None
         self._roots = {}  # progress → the implicit layer (its compiled tangent lives with it)
+        self._dense_energy_fn = None  # all pairs, for traced calls of an automatic list choice
         self._evaluate = jax.jit(energy_forces_stress, static_argnums=0)
 
     def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
@@ -153,25 +154,37 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
 
     def _on_device(self, init, params, cell, fmax, max_steps, progress):
         """The traced path: the pure minimizer, rigid modes as the null space."""
-        if self.host.use_nl:
-            raise OptionError(
-                f"relax() of N={self.template.n_atoms} atoms uses a neighbor list, whose cutoff "
-                "must be known on the host, but the call is traced by jit/vmap. Call relax "
-                "outside jit/vmap (jax.grad, jax.jvp and jax.jacfwd of it work), pass "
-                "neighbor_list=False (dense and exact), or differentiate with "
-                "ms.sensitivity(result, pot)."
-            )
+        energy_fn = self._traced_energy_fn()
         if progress:
             raise OptionError("progress=True needs the host loop; it is not available under jit/vmap.")
-        out = minimize.minimize(self.host.energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps,
+        out = minimize.minimize(energy_fn, init, params, cell, fmax=fmax, max_steps=max_steps,
                                 options=self.host.minimizer)
         basis = zero_modes.rigid_modes(out.positions, self.template.pbc)
         jax.debug.callback(_warn_if_not_converged, fmax, max_steps, out.fmax, out.steps)
         return out.positions, RelaxAux(None, basis, out.steps, out.fmax, out.fmax < fmax)
 
+    def _traced_energy_fn(self):
+        """The energy under jit/vmap, where no list can be built (that is host work). An
+        automatic choice of lists below ``pot.neighbor_list_min_atoms`` (a sparse cell)
+        falls back to all pairs: same energy, affordable at that size."""
+        host, n = self.host, self.template.n_atoms
+        if not host.use_nl:
+            return host.energy_fn
+        if host.neighbor_options.enabled is None and n < self.pot.neighbor_list_min_atoms:
+            if self._dense_energy_fn is None:
+                self._dense_energy_fn = self.pot.energy_fn(self.template, neighbor_list=False)
+            return self._dense_energy_fn
+        raise OptionError(
+            f"relax() of N={n} atoms uses a neighbor list, whose cutoff must be known on the "
+            "host, but the call is traced by jit/vmap. Call relax outside jit/vmap (jax.grad, "
+            "jax.jvp and jax.jacfwd of it work), pass neighbor_list=False (dense and exact), or "
+            "differentiate with ms.sensitivity(result, pot)."
+        )
+
     def _outputs(self, system, R, aux, params):
         relaxed = system.replace(positions=R)
-        energy, forces, stress = self._evaluate(self.host.energy_fn, R, params, system.cell, aux.neighbor)
+        energy_fn = self.host.energy_fn if aux.neighbor is not None else self._traced_energy_fn()
+        energy, forces, stress = self._evaluate(energy_fn, R, params, system.cell, aux.neighbor)
         # A jax-md list is not returned with derivatives: only its indices served F.
         return RelaxResult(relaxed, energy, forces, python_scalar(aux.fmax, float), python_scalar(aux.steps, int),
                            python_scalar(aux.converged, bool), stress, None)

@@ -125,8 +125,9 @@ class Potential:
     n_species: Optional[int] = None
     #: a short name for messages.
     name: str = "potential"
-    #: the automatic dense/neighbor-list switch: neighbor lists when N >= this.
-    #: Potentials whose dense path is O(N³) (Tersoff) lower it.
+    #: the automatic dense/neighbor-list switch: neighbor lists when N >= this (or in a
+    #: sparse periodic cell, :meth:`uses_neighbor_list`). Potentials whose dense path is
+    #: O(N³) (Tersoff) lower it.
     neighbor_list_min_atoms: int = neighbors.NEIGHBOR_LIST_MIN_ATOMS
     #: ``_local_energy`` is a sum of terms of one pair vector each (pair potentials): its
     #: Hessian in the pair vectors is ``d × d`` blocks per pair rather than per atom.
@@ -142,6 +143,13 @@ class Potential:
     def cutoff(self, params=None) -> float:
         """Interaction range (Å) for ``params`` (default ``self.params``), on the host."""
         raise NotImplementedError
+
+    def uses_neighbor_list(self, system: System) -> bool:
+        """The automatic dense/list choice for ``system`` (:func:`neighbors.use_neighbor_list`
+        with this potential's threshold and cutoff): a layout-level decision, made with
+        ``self.params`` so that it stays put while a fit varies the parameters."""
+        return neighbors.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms,
+                                           neighbors.list_share(system, self.cutoff()))
 
     def _local_energy(self, params, dR, mask, species_i, species_j):
         raise NotImplementedError
@@ -272,11 +280,7 @@ class Potential:
         species = self.species_indices(system)
         species_j_pad = np.concatenate([species, species[:1]])  # padding index N -> any
         n = system.n_atoms
-        use_nl = (
-            neighbors.use_neighbor_list(n, self.neighbor_list_min_atoms)
-            if neighbor_list is None
-            else bool(neighbor_list)
-        )
+        use_nl = self.uses_neighbor_list(system) if neighbor_list is None else bool(neighbor_list)
         periodic = bool(system.pbc)
         # Our own displacement (jax-md primitives, no custom JVP): see mdsens.md.space.
         displacement = periodic_general_displacement if periodic else free_displacement
@@ -392,7 +396,7 @@ class Potential:
         once per ``kind``, potential and layout (the memo of :mod:`mdsens.md.cache`):
         a fresh ``jax.jit`` per call recompiled every ``pot.energy(...)``."""
         params = self.check(system, params)
-        use_nl = neighbors.use_neighbor_list(system.n_atoms, self.neighbor_list_min_atoms)
+        use_nl = self.uses_neighbor_list(system)
         key = ("potential_" + kind, self.cache_key(), cache.layout_key(system), use_nl)
         fn = cache.memoized(key, lambda: jax.jit(functools.partial(
             what, self.energy_fn(system, neighbor_list=use_nl, params=params))))

@@ -282,8 +282,7 @@ class CustomPotential(Potential):
         require_x64(f"{self.name} energies")
         self.check(system, params)
         n = system.n_atoms
-        use_nl = (neighbors.use_neighbor_list(n, self.neighbor_list_min_atoms)
-                  if neighbor_list is None else bool(neighbor_list))
+        use_nl = self.uses_neighbor_list(system) if neighbor_list is None else bool(neighbor_list)
         periodic = bool(system.pbc)
         species = None if self.symbols is None else np.asarray(self.species_indices(system), np.int32)
         # Row i: every j != i, in order (the dense path's "neighbor list").
