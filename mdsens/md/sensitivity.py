@@ -491,11 +491,11 @@ PROBE_TOL_FACTOR = 1e-3
 
 def _probed_solves(F, R, theta, tangents, basis, hessian, z, tol):
     """The columns' solves ``(H + w Q Qᵀ) x = −P ∂₂F t`` (``Q`` the orthonormal basis;
-    :func:`mdsens.root_jvp` deflates with ``w = 1``) batched with one more: a random
-    right-hand side ``z`` (host-drawn, projected ⊥ ``Q``), whose CG run is Lanczos from a random vector, so
+    :func:`mdsens.root_jvp` deflates with ``w = 1``), then one more: a random right-hand
+    side ``z`` (host-drawn, projected ⊥ ``Q``), whose CG run is Lanczos from a random vector, so
     its tridiagonal (:func:`mdsens.linear_solve.cg_lanczos`) gives ``λ_min`` and
-    ``λ_max`` of ``H`` beyond the known modes at the price of one more column of the
-    same batched program instead of a separate eigen-solver. Returns (dR, info of the
+    ``λ_max`` of ``H`` beyond the known modes at the price of one more CG run in the
+    same program instead of a separate eigen-solver. Returns (dR, info of the
     columns, (the probe's SolveInfo, its tridiagonal))."""
     shape = R.shape
     Q, _ = jnp.linalg.qr(basis.reshape(basis.shape[0], -1).T)
@@ -512,18 +512,15 @@ def _probed_solves(F, R, theta, tangents, basis, hessian, z, tol):
         b = -jax.jvp(lambda th: F(R, th), (theta,), (t,))[1].ravel()
         return b - Q @ (Q.T @ b)
 
-    P = tangents.shape[0]
-    B = jnp.concatenate([jax.vmap(rhs)(tangents), z[None]])
+    # Two loops, not one vmapped batch: a batch runs every lane until the slowest is done,
+    # and the probe's tighter tolerance keeps it going after the columns converge.
+    x, columns = jax.vmap(lambda b: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * R.size))(
+        jax.vmap(rhs)(tangents))
     steps = min(PROBE_STEPS, 10 * R.size)
-    tols = jnp.full((P + 1,), tol).at[P].multiply(PROBE_TOL_FACTOR)
-    maxiters = jnp.full((P + 1,), 10 * R.size).at[P].set(steps)  # the probe never runs past its record
-    x, info, tridiagonal = jax.vmap(
-        lambda b, tol, maxiter: linear_solve.cg_lanczos(deflated, b, steps=steps, tol=tol, maxiter=maxiter)
-    )(B, tols, maxiters)
+    _, probe_info, tridiagonal = linear_solve.cg_lanczos(deflated, z, steps=steps, tol=tol * PROBE_TOL_FACTOR,
+                                                         maxiter=steps)  # never past its record
     x = x - (x @ Q) @ Q.T
-    columns = jax.tree_util.tree_map(lambda a: a[:P], info)
-    probe = jax.tree_util.tree_map(lambda a: a[P], (info, tridiagonal))
-    return x[:P].reshape((P,) + shape), columns, probe
+    return x.reshape((tangents.shape[0],) + shape), columns, (probe_info, tridiagonal)
 
 
 def _report_solve(converged, relative, names, policy):
