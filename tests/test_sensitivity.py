@@ -480,3 +480,41 @@ def test_spectral_probe_refuses_a_saddle():
     reported = float(str(info.value).split("λ_min = ")[1].split()[0])
     np.testing.assert_allclose(reported, lowest, rtol=1e-2)
     assert reported >= lowest * (1 + 1e-5)  # printed with 6 digits
+
+
+def test_observable_gradient_rides_on_the_spectral_probe_and_matches_the_dense_pseudo_inverse(lj13):
+    """Above dense_max_dof the adjoint solve of ms.observable_gradient runs beside the
+    probe's CG (no separate eigen-solver); the gradient of a rigid-motion invariant
+    observable, which depends on θ explicitly too, equals ∂θO + (dR*/dθ)ᵀ ∂RO with dR*/dθ
+    from the dense pseudo-inverse of the Hessian."""
+    pot, res = lj13
+    system = res.system
+    R = system.positions
+
+    def observable(R, params, cell):
+        d = R[:, None, :] - R[None, :, :]
+        return jnp.sum(d * d) / R.shape[0] ** 2 * params["sigma"] + params["epsilon"] ** 2
+
+    probe = ms.StabilityOptions(dense_max_dof=R.size // 2)
+    g = observable_gradient(res, pot, observable, stability=probe)
+    grad_R = np.asarray(jax.grad(observable)(R, pot.params, None))
+    explicit = jax.grad(lambda p: observable(R, p, None))(pot.params)
+    for name in ("sigma", "epsilon"):
+        t = {k: jnp.zeros_like(v) for k, v in pot.params.items()}
+        t[name] = jnp.asarray(1.0)
+        dR = dense_pinv_derivative(pot, system, pot.params, t)
+        truth = float(explicit[name]) + float(np.sum(grad_R * dR))
+        np.testing.assert_allclose(float(g[name]), truth, rtol=1e-8)
+
+
+def test_observable_gradient_with_the_probe_refuses_a_saddle():
+    """The LJ chain saddle of test_spectral_probe_refuses_a_saddle, through
+    ms.observable_gradient: the probe's negative curvature sends it to the full analysis,
+    which raises."""
+    pot = LennardJones(sigma=1.0, epsilon=1.0)
+    n = 40
+    chain = ms.System(np.stack([1.12 * np.arange(n), np.zeros(n), np.zeros(n)], axis=1))
+    res = relax(chain, pot, fmax=1e-10)
+    with pytest.raises(SaddlePointError, match="saddle point"):
+        observable_gradient(res, pot, lambda R, p, c: jnp.sum(R[:, 0] ** 2),
+                            stability=ms.StabilityOptions(dense_max_dof=60))

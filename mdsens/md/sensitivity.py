@@ -470,7 +470,8 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
         dR, info = jax.vmap(solved)(tangents)
         probed = None
     else:
-        dR, info, probed = _probed_solves(F, R, theta, tangents, basis, hessian, *probe)
+        rhs = jax.vmap(lambda t: -jax.jvp(lambda th: F(R, th), (theta,), (t,))[1])(tangents)
+        dR, info, probed = _probed_solves(hessian, basis, rhs, *probe)
 
     def estimated(dR, t):
         e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
@@ -489,15 +490,17 @@ PROBE_STEPS = 1000
 PROBE_TOL_FACTOR = 1e-3
 
 
-def _probed_solves(F, R, theta, tangents, basis, hessian, z, tol):
-    """The columns' solves ``(H + w Q Qᵀ) x = −P ∂₂F t`` (``Q`` the orthonormal basis;
-    :func:`mdsens.root_jvp` deflates with ``w = 1``), then one more: a random right-hand
-    side ``z`` (host-drawn, projected ⊥ ``Q``), whose CG run is Lanczos from a random vector, so
-    its tridiagonal (:func:`mdsens.linear_solve.cg_lanczos`) gives ``λ_min`` and
-    ``λ_max`` of ``H`` beyond the known modes at the price of one more CG run in the
-    same program instead of a separate eigen-solver. Returns (dR, info of the
-    columns, (the probe's SolveInfo, its tridiagonal))."""
-    shape = R.shape
+def _probed_solves(hessian, basis, rhs, z, tol):
+    """The solves ``(H + w Q Qᵀ) x = P b`` of the right-hand sides ``rhs (P, N, d)`` (``Q``
+    the orthonormal basis of ``basis (k, N, d)``, ``P`` the projector off it;
+    :func:`mdsens.root_jvp` deflates with ``w = 1``), then one more CG: a random
+    right-hand side ``z`` (host-drawn, projected ⊥ ``Q``), whose run is Lanczos from a
+    random vector, so its tridiagonal (:func:`mdsens.linear_solve.cg_lanczos`) gives
+    ``λ_min`` and ``λ_max`` of ``H`` beyond the known modes at the price of one more CG
+    run in the same program instead of a separate eigen-solver. Jittable. Returns (x
+    ``(P, N, d)`` ⊥ ``Q``, the solves' SolveInfo, (the probe's SolveInfo, its
+    tridiagonal))."""
+    shape = z.shape
     Q, _ = jnp.linalg.qr(basis.reshape(basis.shape[0], -1).T)
     z = z.ravel() - Q @ (Q.T @ z.ravel())
     # Rounding feeds the probe's Krylov space a little of the deflated modes, whose Ritz
@@ -508,19 +511,16 @@ def _probed_solves(F, R, theta, tangents, basis, hessian, z, tol):
     def deflated(v):
         return hessian(v.reshape(shape)).ravel() + weight * (Q @ (Q.T @ v))
 
-    def rhs(t):
-        b = -jax.jvp(lambda th: F(R, th), (theta,), (t,))[1].ravel()
-        return b - Q @ (Q.T @ b)
-
+    B = rhs.reshape(rhs.shape[0], -1)
+    B = B - (B @ Q) @ Q.T
     # Two loops, not one vmapped batch: a batch runs every lane until the slowest is done,
     # and the probe's tighter tolerance keeps it going after the columns converge.
-    x, columns = jax.vmap(lambda b: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * R.size))(
-        jax.vmap(rhs)(tangents))
-    steps = min(PROBE_STEPS, 10 * R.size)
+    x, columns = jax.vmap(lambda b: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * z.size))(B)
+    steps = min(PROBE_STEPS, 10 * z.size)
     _, probe_info, tridiagonal = linear_solve.cg_lanczos(deflated, z, steps=steps, tol=tol * PROBE_TOL_FACTOR,
                                                          maxiter=steps)  # never past its record
     x = x - (x @ Q) @ Q.T
-    return x.reshape((tangents.shape[0],) + shape), columns, (probe_info, tridiagonal)
+    return x.reshape(rhs.shape), columns, (probe_info, tridiagonal)
 
 
 def _report_solve(converged, relative, names, policy):
@@ -561,10 +561,31 @@ class _Derivative:
         return (s.n_atoms, s.dim, s.pbc, tuple(np.asarray(s.species).tolist()),
                 tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None) + extra
 
-    def _checked(self, prob, what):
-        """``(fmax, (basis, n_soft, λ_min, λ_max))``: the force check, then the null space."""
-        fmax_now = check_stationary(prob, self.strict, self.strict_fmax, what)
-        return fmax_now, null_basis(prob, self.stability, fmax_now)
+    def _probes_spectrum(self, system) -> bool:
+        """Whether the stability analysis rides on the solves (one more CG, on a random
+        vector) rather than running its own Lanczos: the default CG, and the
+        ``"auto"``/``"lanczos"`` method above ``dense_max_dof`` (below it the dense
+        analysis is cheaper)."""
+        o = self.stability
+        if o is None or self.probe_tol is None or o.method not in ("auto", "lanczos"):
+            return False
+        return o.method == "lanczos" or system.n_atoms * system.dim > o.dense_max_dof
+
+    def _with_probe(self, prob, fmax_now, run_probed):
+        """``(outputs, (basis, n_soft, λ_min, λ_max))`` with the verdict of the solves' own
+        spectral probe, or ``None`` when it cannot decide (run :func:`null_basis`).
+
+        The known modes (rigid, rattlers) come first; ``run_probed(basis, z)`` runs the
+        solves deflated by them with the probe ``z`` and returns ``(outputs, the solves'
+        breakdown flags, (probe SolveInfo, tridiagonal))``. A breakdown (negative
+        curvature) anywhere, a soft Ritz pair or an undecided ``λ_min`` means ``None``.
+        """
+        known = known_modes(prob, self.stability)
+        z = np.random.default_rng(PROBE_SEED).standard_normal(prob.system.positions.shape)
+        out, breakdown, (probe_info, tridiagonal) = run_probed(known.basis, jnp.asarray(z))
+        broke = bool(np.any(np.asarray(breakdown))) or bool(np.asarray(probe_info.breakdown))
+        found = None if broke else probed_null_basis(known, tridiagonal, self.stability, fmax_now)
+        return None if found is None else (out, found)
 
 
 class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a function)
@@ -603,15 +624,6 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]
 
-    def _probes_spectrum(self, system) -> bool:
-        """Whether the stability analysis rides on the solves (a random CG column) rather
-        than running its own Lanczos: the default CG, and the ``"auto"``/``"lanczos"``
-        method above ``dense_max_dof`` (below it the dense analysis is cheaper)."""
-        o = self.stability
-        if o is None or self.probe_tol is None or o.method not in ("auto", "lanczos"):
-            return False
-        return o.method == "lanczos" or system.n_atoms * system.dim > o.dense_max_dof
-
     def _solved(self, prob, fmax_now, arguments, n_tangents, stages):
         """``(outputs of the compiled solves, (basis, n_soft, λ_min, λ_max), stability_check)``.
 
@@ -621,19 +633,16 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         analysis (:func:`~mdsens.md.problem.null_basis`) and a second run of the solves
         with its null space.
         """
-        system = prob.system
-        if self._probes_spectrum(system):
+        if self._probes_spectrum(prob.system):
+            def run_probed(basis, z):
+                stages.start(f"{n_tangents} implicit solves, a spectral probe and error estimates")
+                out = self._functions(prob, n_tangents, probed=True)(*arguments(basis), z)
+                return out, out[0][1].breakdown, out[0][-1]
+
             stages.start("rigid modes and isolated dofs")
-            known = known_modes(prob, self.stability)
-            z = np.random.default_rng(PROBE_SEED).standard_normal(system.positions.shape)
-            stages.start(f"{n_tangents} implicit solves, a spectral probe and error estimates")
-            out = self._functions(prob, n_tangents, probed=True)(
-                *arguments(known.basis), jnp.asarray(z))
-            probe_info, tridiagonal = out[0][-1]
-            broke = bool(np.any(np.asarray(out[0][1].breakdown))) or bool(np.asarray(probe_info.breakdown))
-            found = None if broke else probed_null_basis(known, tridiagonal, self.stability, fmax_now)
-            if found is not None:
-                return out, found, "probe"
+            probed = self._with_probe(prob, fmax_now, run_probed)
+            if probed is not None:
+                return (*probed, "probe")
         stages.start("stability analysis" if self.stability is not None else "rigid modes")
         found = null_basis(prob, self.stability, fmax_now)
         stages.start(f"{n_tangents} implicit solve{'s' if n_tangents != 1 else ''} and error estimates")
@@ -859,7 +868,20 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             e = jacobian_error.first_order_gradient_error(Fc, Oc, R, theta, delta, w, **loose)
             return gradient, jnp.linalg.norm(e), jnp.linalg.norm(delta), residuals
 
-        self._compiled[key] = (grad_total, grad_with_error, O)
+        probe_tol = self.probe_tol
+
+        @jax.jit
+        def grad_probed(R, theta, B, cell, nb, params, blocks, z):
+            """``grad_total`` with the adjoint as an explicit solve (``H`` is symmetric) beside
+            the spectral probe on ``z`` (:func:`_probed_solves`)."""
+            Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
+            Oc = lambda x, th: O(x, th, cell, params)  # noqa: E731
+            gR = jax.grad(Oc)(R, theta)
+            w, info, probe = _probed_solves(H(R, theta, cell, nb, params, blocks), B, gR[None], z, probe_tol)
+            gradient = jax.grad(lambda th: Oc(R, th) - jnp.vdot(w[0], Fc(R, th)))(theta)
+            return gradient, info, probe
+
+        self._compiled[key] = (grad_total, grad_with_error, grad_probed, O)
         return self._compiled[key]
 
     def __call__(self, result, params=None, neighbor=None, return_info: bool = False):
@@ -868,8 +890,8 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             theta, unravel = jnp.zeros((len(voigt_names(prob.system.dim)),), jnp.float64), None
         else:
             theta, unravel = jnp.asarray(flat_params(prob.params)), _unraveler(prob.params)
-        grad_total, grad_with_error, O = self._functions(prob)
-        fmax_now, (basis, _, _, lam_max) = self._checked(prob, "an observable gradient")
+        grad_total, grad_with_error, grad_probed, O = self._functions(prob)
+        fmax_now = check_stationary(prob, self.strict, self.strict_fmax, "an observable gradient")
         s = prob.system
         try:
             value = jax.eval_shape(O, s.positions, theta, s.cell, prob.params)
@@ -880,14 +902,30 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             ) from None
         if value.shape != ():
             raise OptionError(f"the observable must return a scalar; it returns shape {value.shape}.")
-        args = (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
-        if return_info:
-            out, e_norm, newton_length, residuals = grad_with_error(*args)
-            lin = linearity(residuals, lam_max, s.positions)
-            estimate = float(jacobian_error.first_order_estimate(float(e_norm), lin))
-            info = GradientInfo(estimate, float(newton_length), lin, fmax_now)
+
+        def arguments(basis):
+            return (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
+
+        probed = None
+        if not return_info and self._probes_spectrum(s):
+            def run_probed(basis, z):
+                gradient, info, probe = grad_probed(*arguments(basis), z)
+                return (gradient, info), info.breakdown, probe
+
+            probed = self._with_probe(prob, fmax_now, run_probed)
+        if probed is not None:
+            (out, solve_info), _ = probed
+            _report_solve(np.asarray(solve_info.converged), np.asarray(solve_info.relative_residual),
+                          ["the adjoint"], self.on_failure)
         else:
-            out = grad_total(*args)
+            basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
+            if return_info:
+                out, e_norm, newton_length, residuals = grad_with_error(*arguments(basis))
+                lin = linearity(residuals, lam_max, s.positions)
+                estimate = float(jacobian_error.first_order_estimate(float(e_norm), lin))
+                info = GradientInfo(estimate, float(newton_length), lin, fmax_now)
+            else:
+                out = grad_total(*arguments(basis))
         if not np.all(np.isfinite(np.asarray(out))):
             raise StructureError("the observable's gradient is NaN/inf at this structure; check the observable.")
         out = np.asarray(out) if unravel is None else unravel(out)
