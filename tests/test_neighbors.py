@@ -232,7 +232,7 @@ def test_short_list_holds_exactly_the_pairs_within_its_radius():
     pot = ms.potentials.StillingerWeber()
     nl = short_list_fn(pot, system)
     nbrs = nl.allocate(system.positions, system.cell, short=True)
-    assert nbrs.short is not None and nbrs.short.idx.shape[1] <= neighbors.SHORT_MAX_FILL * nbrs.idx.shape[1]
+    assert nbrs.short is not None and neighbors.short_list_pays(nbrs.short.idx.shape[1], nbrs.idx.shape[1])
     i, j = neighbor_list("ij", system.to_ase(), nl.short_radius)  # ASE's own list: the truth
     idx = np.asarray(nbrs.short.idx)
     ours = {(a, int(b)) for a in range(system.n_atoms) for b in idx[a] if b < system.n_atoms}
@@ -287,3 +287,24 @@ def test_relaxation_with_short_lists_matches_the_dense_relaxation():
     assert with_lists.neighbor.short is None
     assert abs(float(with_lists.energy) - float(dense.energy)) < 1e-10
     np.testing.assert_allclose(np.asarray(with_lists.system.positions), np.asarray(dense.system.positions), atol=1e-8)
+
+
+def test_wide_pair_lists_get_a_short_list_and_relax_to_the_dense_minimum():
+    """LJ fcc Ar (r_c 7.5 Å, N = 255): ~55 % of the list's slots interact, a short list pays
+    and the relaxation reaches the minimum of the all-pairs path; a 2D packing's narrow
+    list keeps none."""
+    system = ar(repeat=4, rattle=0.02)
+    pot = LennardJones(SIGMA, EPS, r_cutoff=7.5, r_onset=6.0)
+    nl = pot.neighbor_list_fn(system, short_skin=neighbors.SHORT_SKIN_FRACTION * pot.cutoff())
+    nbrs = nl.allocate(system.positions, system.cell, short=True)
+    K, M = nbrs.short.idx.shape[1], nbrs.idx.shape[1]
+    assert neighbors.SHORT_MAX_FILL * M < K <= neighbors.SHORT_WIDE_MAX_FILL * M  # the wide rule decides
+    listed = ms.relax(system, pot, fmax=1e-10, neighbor_list=True)
+    dense = ms.relax(system, pot, fmax=1e-10, neighbor_list=False)
+    assert listed.converged and dense.converged
+    assert abs(float(listed.energy) - float(dense.energy)) < 1e-12 * abs(float(dense.energy))
+    np.testing.assert_allclose(np.asarray(listed.system.positions), np.asarray(dense.system.positions), atol=1e-8)
+
+    packing, soft = binary_packing(128)
+    nl = soft.neighbor_list_fn(packing, short_skin=neighbors.SHORT_SKIN_FRACTION * soft.cutoff())
+    assert nl.allocate(packing.positions, packing.cell, short=True).short is None

@@ -68,9 +68,21 @@ HOST_ALLOCATION_MAX_ATOMS = 512
 SHORT_SKIN_FRACTION = 0.0025
 #: Spare slots of a short list beyond the largest count at its allocation.
 SHORT_SLACK = 1
-#: A short list is kept only if it needs at most this fraction of the list's slots;
-#: otherwise (pair potentials with a thin skin) it would save less than it costs.
+#: A short list is kept if it needs at most this fraction of the list's slots ...
 SHORT_MAX_FILL = 0.5
+#: ... or at most this fraction while saving at least SHORT_MIN_SAVED slots per atom: a
+#: wide list of a pair potential (LJ fcc Ar, r_c 7.5 Å: ~80 of ~140 slots interact) gains
+#: 1.9x per relaxation, a narrow one (a 2D packing's 16 slots) loses 10 % to the upkeep.
+SHORT_WIDE_MAX_FILL = 0.75
+SHORT_MIN_SAVED = 32
+
+
+def short_list_pays(short_slots: int, list_slots: int) -> bool:
+    """Whether a short list of ``short_slots`` per atom is worth keeping beside a list of
+    ``list_slots`` (:data:`SHORT_MAX_FILL`, :data:`SHORT_WIDE_MAX_FILL`)."""
+    if short_slots <= SHORT_MAX_FILL * list_slots:
+        return True
+    return short_slots <= SHORT_WIDE_MAX_FILL * list_slots and list_slots - short_slots >= SHORT_MIN_SAVED
 
 
 def use_neighbor_list(n_atoms: int, min_atoms: int = NEIGHBOR_LIST_MIN_ATOMS,
@@ -415,7 +427,7 @@ class NeighborListFn:
         """Build a list from scratch (host; not jit-able: the capacity is data-dependent).
 
         ``short=True`` (with ``short_skin > 0``) adds a :class:`ShortList` when it pays
-        (:data:`SHORT_MAX_FILL`); ``extra_capacity`` enlarges it too.
+        (:func:`short_list_pays`); ``extra_capacity`` enlarges it too.
         """
         if self.cell_list and self.n_atoms > HOST_ALLOCATION_MAX_ATOMS:
             x, kw = self._frac(positions, cell)
@@ -436,7 +448,7 @@ class NeighborListFn:
         candidates = np.asarray(neighbor.idx)
         near = _host_pairs_within(x, None if box is None else np.asarray(box), candidates, self.short_radius)
         K = _capacity(int(near.sum(axis=1).max(initial=0)) + SHORT_SLACK + extra_capacity)
-        if K > SHORT_MAX_FILL * candidates.shape[1]:
+        if not short_list_pays(K, candidates.shape[1]):
             return neighbor
         short = ShortList(jnp.asarray(_compacted(near, candidates, K)), jnp.asarray(x), box)
         return Neighbors(neighbor.nbrs, neighbor.reference_box, self.cutoff, self.skin, short, self.short_skin)
