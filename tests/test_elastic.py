@@ -91,6 +91,21 @@ def test_stillinger_weber_silicon_published_constants(si_diamond):
     np.testing.assert_allclose(dU.sum(0), 0.0, atol=1e-9)
 
 
+def test_spectral_probe_path_gives_the_published_constants(si_diamond):
+    """Above dense_max_dof (lowered here for 64 atoms) the internal-strain solves run beside
+    the spectral probe instead of a separate eigen-analysis: same published constants,
+    same internal strain as the eigen-analysis path to the solve tolerance."""
+    pot, res = si_diamond
+    probed = elastic_constants(res, pot, stability=ms.StabilityOptions(dense_max_dof=60)).to_gpa()
+    np.testing.assert_allclose(probed.relaxed[0, 0], 151.4, rtol=2e-3)
+    np.testing.assert_allclose(probed.relaxed[0, 1], 76.4, rtol=2e-3)
+    np.testing.assert_allclose(probed.relaxed[3, 3], 56.4, rtol=2e-3)
+    assert probed.n_zero_modes == 3 and np.all(probed.solve_residual < 1e-9)
+    dense = elastic_constants(res, pot).to_gpa()
+    np.testing.assert_allclose(probed.relaxed, dense.relaxed, atol=1e-8 * np.abs(dense.relaxed).max())
+    np.testing.assert_allclose(probed.internal_strain, dense.internal_strain, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_stillinger_weber_matches_jaxmd_athermal_moduli(si_diamond):
     pot, res = si_diamond

@@ -56,6 +56,8 @@ from mdsens.implicit import linear_solve, root_jvp
 from mdsens.md import cache
 from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
+from mdsens.md import probe
+from mdsens.md.probe import probed_solves
 from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
 from mdsens.md.progress import structure_stages
 from mdsens.md.sensitivity import select_parameters, estimate_options, linearity, newton, parameter_labels
@@ -155,7 +157,7 @@ def _strain_column(F, R, theta0, t, nullspace, solve, hessian):
     return dU, info, jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1]
 
 
-def _internal(E_s, R, basis, solve, hessian):
+def _internal(E_s, R, basis, solve, hessian, probing=None):
     """Born Hessian, internal strain dU/dε, Λ·dU and the first-order error of Λ·dU + Born
     along the Newton step (jit-able).
 
@@ -163,7 +165,9 @@ def _internal(E_s, R, basis, solve, hessian):
     batched with ``vmap``, with ``hessian`` (``v ↦ ∂²E_s/∂U² v`` at ε = 0) as operator.
     The error of column ``I`` of ``V C = Born + Λᵀ dU`` at ``R = R* + δ`` is, to first
     order, ``∂_U[∂_ε∇_ε E_s · (dU_I, t_I)][δ] + Λᵀ e_I`` with ``e_I`` the first-order
-    error of ``dU_I`` (:func:`mdsens.jacobian_error.first_order_error`).
+    error of ``dU_I`` (:func:`mdsens.jacobian_error.first_order_error`). With
+    ``probing = (z, tol)`` the solves run beside the spectral probe
+    (:func:`mdsens.md.probe.probed_solves`), whose output comes last (else ``None``).
     """
     n_voigt = len(voigt_names(R.shape[1]))
     F = jax.grad(E_s)
@@ -177,18 +181,25 @@ def _internal(E_s, R, basis, solve, hessian):
     step = jacobian_error.FIRST_ORDER_STEP
     shifted = R + step * delta / jnp.where(length > 0, length, 1.0)
 
-    def one(t):
-        dU, info, lam = _strain_column(F, R, theta0, t, nullspace, solve, hessian)
+    strains = jnp.eye(n_voigt, dtype=jnp.float64)
+    probed = None
+    if probing is None:
+        dU, info, lam = jax.vmap(lambda t: _strain_column(F, R, theta0, t, nullspace, solve, hessian))(strains)
+    else:
+        lam = jax.vmap(lambda t: jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1])(strains)
+        dU, info, probed = probed_solves(hessian, basis, -lam, *probing)
+
+    def error_of(dU, t):
         e, _, _, _ = jacobian_error.first_order_error(F, R, theta0, delta, dU, t, **loose)
         # column I of Born + Λᵀ dU is the tangent of ∇_ε E_s along (dU_I, t_I)
         m0, m1 = jax.vmap(lambda x: jax.jvp(grad_eps, (x, theta0), (dU, t))[1])(jnp.stack([R, shifted]))
-        return dU, lam, info, e, (m1 - m0) * (length / step)
+        return e, (m1 - m0) * (length / step)
 
-    dU, lam, info, e, d_columns = jax.vmap(one)(jnp.eye(n_voigt, dtype=jnp.float64))
+    e, d_columns = jax.vmap(error_of)(dU, strains)
     correction = jnp.einsum("jnd,ind->ij", lam, dU)  # Λ_Jᵀ dU_I = −Λ_Jᵀ H⁺ Λ_I
     error = d_columns.T + jnp.einsum("jnd,ind->ji", lam, e)  # [J, I], as `correction`'s transpose
     stress_v = jax.grad(E_s, argnums=1)(R, theta0)
-    return born, correction, dU, info, stress_v, error, residuals
+    return born, correction, dU, info, stress_v, error, residuals, probed
 
 
 def _constants(E_s, R, basis, solve, hessian):
@@ -300,6 +311,8 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         self.pot = pot
         self.tol = float(tol)
         self.solve = solve or functools.partial(linear_solve.cg, tol=tol)
+        # The default CG can probe the spectrum during the solves (mdsens.md.probe).
+        self.probe_tol = float(tol) if solve is None else None
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
         self.stability = as_stability(stability)
         self.on_failure = check_policy(on_failure)
@@ -308,15 +321,16 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         self._compiled_derivative = {}  # the wrt= programs, keyed like _compiled plus the direction count
 
     def _compile(self, prob):
-        energy, dim, solve = prob.energy, prob.system.dim, self.solve
+        energy, dim, solve, tol = prob.energy, prob.system.dim, self.solve, self.probe_tol
 
-        def run(R, basis, params, cell, nb, blocks):
+        def run(R, basis, params, cell, nb, blocks, probe_vector=None):
             def E_s(U, eps_v):
                 D = deformation_gradient(eps_v, dim)
                 return energy(U @ D, params, cell @ D, nb)
 
             # at ε = 0 the strain energy's Hessian in U is the energy's own
-            return _internal(E_s, R, basis, solve, hessian_products(energy, R, params, cell, nb, blocks=blocks))
+            return _internal(E_s, R, basis, solve, hessian_products(energy, R, params, cell, nb, blocks=blocks),
+                             None if probe_vector is None else (probe_vector, tol))
 
         return jax.jit(run)
 
@@ -365,13 +379,30 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
             if key not in self._compiled:
                 self._compiled[key] = self._compile(prob)
             run = self._compiled[key]
-            stages.start("stability analysis" if self.stability is not None else "rigid modes")
             fmax_now = check_stationary(prob, self.strict, self.strict_fmax, "elastic constants")
-            basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
-            # the Born Hessian and every strain column are one batched program: one stage
-            stages.start(f"Born term and {len(voigt_names(system.dim))} internal-strain solves")
-            born, correction, dU, info, stress_v, error, residuals = run(
-                system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks)
+            solves = f"Born term and {len(voigt_names(system.dim))} internal-strain solves"
+
+            def arguments(basis):
+                return system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks
+
+            found = None
+            if probe.probes_spectrum(self.stability, self.probe_tol, system):
+                def run_probed(basis, z):
+                    stages.start(solves + " with a spectral probe")
+                    out = run(*arguments(basis), z)
+                    return out, out[3].breakdown, out[-1]
+
+                stages.start("rigid modes and isolated dofs")
+                found = probe.with_probe(prob, self.stability, fmax_now, run_probed)
+            if found is not None:
+                out, (basis, _, _, lam_max) = found
+            else:
+                stages.start("stability analysis" if self.stability is not None else "rigid modes")
+                basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
+                # the Born Hessian and every strain column are one batched program: one stage
+                stages.start(solves)
+                out = run(*arguments(basis))
+            born, correction, dU, info, stress_v, error, residuals, _ = out
             jax.block_until_ready(born)  # the stage ends when the program does
             derivatives = (None, None, np.zeros(0))
             if selection is not None:

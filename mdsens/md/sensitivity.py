@@ -76,8 +76,9 @@ from mdsens.md.errors import StructureError, UnknownParameterError
 from mdsens.md.hessian import hessian_products
 from mdsens.md.io import write_text_atomically
 from mdsens.md.options import as_stability
-from mdsens.md.problem import (STRICT_FMAX, ProblemBuilder, check_stationary, known_modes, null_basis,
-                               probed_null_basis)
+from mdsens.md import probe
+from mdsens.md.probe import probed_solves
+from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
 from mdsens.md.progress import structure_stages
 from mdsens.md.strain import deformation_gradient, voigt_names, voigt_strain_matrix
 
@@ -442,7 +443,7 @@ def linearity(residuals, lam_max, positions) -> float:
     return float(jacobian_error.newton_linearity(before, after, lam_max * np.linalg.norm(R - R.mean(axis=0))))
 
 
-def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
+def _columns(F, R, theta, tangents, basis, solve, hessian=None, probing=None):
     """vmapped forward implicit derivatives and their error diagnostics (jit-able).
 
     F(R, theta) -> (N, d); tangents: (P, *theta.shape); hessian: ``v ↦ ∂₁F v`` at
@@ -451,8 +452,8 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
     (‖P∇E(R)‖, ‖P∇E(R − δ)‖), probed): the Newton step ``δ`` with the residuals
     before and after it (:func:`linearity`) and, per column, the first-order error ``e``
     (its solve's own residual included) and the directional constants β, γ along ``δ``
-    (:func:`mdsens.jacobian_error.first_order_error`). With ``probe = (z (N, d), tol)``
-    the columns are solved by :func:`_probed_solves`, and ``probed`` is the probe's
+    (:func:`mdsens.jacobian_error.first_order_error`). With ``probing = (z (N, d), tol)``
+    the columns are solved by :func:`mdsens.md.probe.probed_solves`, and ``probed`` is the probe's
     ``(SolveInfo, Lanczos tridiagonal)`` (else ``None``).
     """
     basis = jnp.asarray(basis)
@@ -462,7 +463,7 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
     delta, residuals = newton(F, R, theta, basis, loose)
     g_norm = residuals[0]  # ‖P∇E(R)‖, which the Newton step's linearity test needs anyway
 
-    if probe is None:
+    if probing is None:
         def solved(t):
             return root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
@@ -471,7 +472,7 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
         probed = None
     else:
         rhs = jax.vmap(lambda t: -jax.jvp(lambda th: F(R, th), (theta,), (t,))[1])(tangents)
-        dR, info, probed = _probed_solves(hessian, basis, rhs, *probe)
+        dR, info, probed = probed_solves(hessian, basis, rhs, *probing)
 
     def estimated(dR, t):
         e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
@@ -479,48 +480,6 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probe=None):
 
     beta, gamma, e_norm = jax.vmap(estimated)(dR, tangents)
     return dR, info, beta, gamma, g, g_norm, e_norm, jnp.linalg.norm(delta), residuals, probed
-
-
-#: Seed of the random right-hand side whose CG solve probes the Hessian's spectrum.
-PROBE_SEED = 20240702
-#: CG iterations whose Lanczos coefficients the probe keeps (λ_min converges long before).
-PROBE_STEPS = 1000
-#: The probe's CG tolerance relative to the columns': its Ritz pairs converge a little
-#: after the columns' solutions do (docs/design.md §5).
-PROBE_TOL_FACTOR = 1e-3
-
-
-def _probed_solves(hessian, basis, rhs, z, tol):
-    """The solves ``(H + w Q Qᵀ) x = P b`` of the right-hand sides ``rhs (P, N, d)`` (``Q``
-    the orthonormal basis of ``basis (k, N, d)``, ``P`` the projector off it;
-    :func:`mdsens.root_jvp` deflates with ``w = 1``), then one more CG: a random
-    right-hand side ``z`` (host-drawn, projected ⊥ ``Q``), whose run is Lanczos from a
-    random vector, so its tridiagonal (:func:`mdsens.linear_solve.cg_lanczos`) gives
-    ``λ_min`` and ``λ_max`` of ``H`` beyond the known modes at the price of one more CG
-    run in the same program instead of a separate eigen-solver. Jittable. Returns (x
-    ``(P, N, d)`` ⊥ ``Q``, the solves' SolveInfo, (the probe's SolveInfo, its
-    tridiagonal))."""
-    shape = z.shape
-    Q, _ = jnp.linalg.qr(basis.reshape(basis.shape[0], -1).T)
-    z = z.ravel() - Q @ (Q.T @ z.ravel())
-    # Rounding feeds the probe's Krylov space a little of the deflated modes, whose Ritz
-    # value is the deflation weight: the Rayleigh quotient of z lies inside the spectrum,
-    # so that value can be neither λ_min nor λ_max.
-    weight = jnp.vdot(z, hessian(z.reshape(shape)).ravel()) / jnp.vdot(z, z)
-
-    def deflated(v):
-        return hessian(v.reshape(shape)).ravel() + weight * (Q @ (Q.T @ v))
-
-    B = rhs.reshape(rhs.shape[0], -1)
-    B = B - (B @ Q) @ Q.T
-    # Two loops, not one vmapped batch: a batch runs every lane until the slowest is done,
-    # and the probe's tighter tolerance keeps it going after the columns converge.
-    x, columns = jax.vmap(lambda b: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * z.size))(B)
-    steps = min(PROBE_STEPS, 10 * z.size)
-    _, probe_info, tridiagonal = linear_solve.cg_lanczos(deflated, z, steps=steps, tol=tol * PROBE_TOL_FACTOR,
-                                                         maxiter=steps)  # never past its record
-    x = x - (x @ Q) @ Q.T
-    return x.reshape(rhs.shape), columns, (probe_info, tridiagonal)
 
 
 def _report_solve(converged, relative, names, policy):
@@ -547,7 +506,7 @@ class _Derivative:
         self.pot = pot
         self.template = system
         self.solve = solve or _default_solve(tol)
-        # The default CG can probe the spectrum during the solves (_probed_solves).
+        # The default CG can probe the spectrum during the solves (mdsens.md.probe).
         self.probe_tol = float(tol) if solve is None else None
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
         self.stability = as_stability(stability)
@@ -560,32 +519,6 @@ class _Derivative:
         s = prob.system
         return (s.n_atoms, s.dim, s.pbc, tuple(np.asarray(s.species).tolist()),
                 tuple((k, np.shape(v)) for k, v in sorted(prob.params.items())), prob.neighbor is None) + extra
-
-    def _probes_spectrum(self, system) -> bool:
-        """Whether the stability analysis rides on the solves (one more CG, on a random
-        vector) rather than running its own Lanczos: the default CG, and the
-        ``"auto"``/``"lanczos"`` method above ``dense_max_dof`` (below it the dense
-        analysis is cheaper)."""
-        o = self.stability
-        if o is None or self.probe_tol is None or o.method not in ("auto", "lanczos"):
-            return False
-        return o.method == "lanczos" or system.n_atoms * system.dim > o.dense_max_dof
-
-    def _with_probe(self, prob, fmax_now, run_probed):
-        """``(outputs, (basis, n_soft, λ_min, λ_max))`` with the verdict of the solves' own
-        spectral probe, or ``None`` when it cannot decide (run :func:`null_basis`).
-
-        The known modes (rigid, rattlers) come first; ``run_probed(basis, z)`` runs the
-        solves deflated by them with the probe ``z`` and returns ``(outputs, the solves'
-        breakdown flags, (probe SolveInfo, tridiagonal))``. A breakdown (negative
-        curvature) anywhere, a soft Ritz pair or an undecided ``λ_min`` means ``None``.
-        """
-        known = known_modes(prob, self.stability)
-        z = np.random.default_rng(PROBE_SEED).standard_normal(prob.system.positions.shape)
-        out, breakdown, (probe_info, tridiagonal) = run_probed(known.basis, jnp.asarray(z))
-        broke = bool(np.any(np.asarray(breakdown))) or bool(np.asarray(probe_info.breakdown))
-        found = None if broke else probed_null_basis(known, tridiagonal, self.stability, fmax_now)
-        return None if found is None else (out, found)
 
 
 class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a function)
@@ -616,8 +549,8 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
 
             def run(R, theta, tangents, basis, cell, nb, params, blocks, probe_vector=None):
                 Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
-                probe = None if probe_vector is None else (probe_vector, tol)
-                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks), probe)
+                probing = None if probe_vector is None else (probe_vector, tol)
+                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks), probing)
                 partial = jax.grad(E_theta, argnums=1)(R, theta, cell, nb, params)
                 return cols, partial
 
@@ -633,14 +566,14 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         analysis (:func:`~mdsens.md.problem.null_basis`) and a second run of the solves
         with its null space.
         """
-        if self._probes_spectrum(prob.system):
+        if probe.probes_spectrum(self.stability, self.probe_tol, prob.system):
             def run_probed(basis, z):
                 stages.start(f"{n_tangents} implicit solves, a spectral probe and error estimates")
                 out = self._functions(prob, n_tangents, probed=True)(*arguments(basis), z)
                 return out, out[0][1].breakdown, out[0][-1]
 
             stages.start("rigid modes and isolated dofs")
-            probed = self._with_probe(prob, fmax_now, run_probed)
+            probed = probe.with_probe(prob, self.stability, fmax_now, run_probed)
             if probed is not None:
                 return (*probed, "probe")
         stages.start("stability analysis" if self.stability is not None else "rigid modes")
@@ -873,13 +806,13 @@ class make_observable_gradient(_Derivative):  # noqa: N801
         @jax.jit
         def grad_probed(R, theta, B, cell, nb, params, blocks, z):
             """``grad_total`` with the adjoint as an explicit solve (``H`` is symmetric) beside
-            the spectral probe on ``z`` (:func:`_probed_solves`)."""
+            the spectral probe on ``z`` (:func:`mdsens.md.probe.probed_solves`)."""
             Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
             Oc = lambda x, th: O(x, th, cell, params)  # noqa: E731
             gR = jax.grad(Oc)(R, theta)
-            w, info, probe = _probed_solves(H(R, theta, cell, nb, params, blocks), B, gR[None], z, probe_tol)
+            w, info, probed = probed_solves(H(R, theta, cell, nb, params, blocks), B, gR[None], z, probe_tol)
             gradient = jax.grad(lambda th: Oc(R, th) - jnp.vdot(w[0], Fc(R, th)))(theta)
-            return gradient, info, probe
+            return gradient, info, probed
 
         self._compiled[key] = (grad_total, grad_with_error, grad_probed, O)
         return self._compiled[key]
@@ -907,12 +840,12 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             return (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
 
         probed = None
-        if not return_info and self._probes_spectrum(s):
+        if not return_info and probe.probes_spectrum(self.stability, self.probe_tol, s):
             def run_probed(basis, z):
                 gradient, info, probe = grad_probed(*arguments(basis), z)
                 return (gradient, info), info.breakdown, probe
 
-            probed = self._with_probe(prob, fmax_now, run_probed)
+            probed = probe.with_probe(prob, self.stability, fmax_now, run_probed)
         if probed is not None:
             (out, solve_info), _ = probed
             _report_solve(np.asarray(solve_info.converged), np.asarray(solve_info.relative_residual),
