@@ -48,7 +48,7 @@ DEFAULT_SKIN_FRACTION = 0.1
 #: list sphere (radius ``cutoff + skin``) covers at most this share: measured on the CPU,
 #: lists relax LJ fcc Ar 1.7x faster at a share of 0.25 (N = 255) and 3.2x at 0.13
 #: (N = 499), a 2D soft-sphere packing 3.6x faster at 0.05 (N = 128); dense is 1.4x
-#: faster at 0.6 (N = 107). docs/design.md §10.
+#: faster at 0.6 (N = 107). docs/design.md §6.
 SPARSE_LIST_MAX_SHARE = 0.3
 #: ... and from this many atoms: below it, all pairs cost less than any list upkeep.
 SPARSE_LIST_MIN_ATOMS = 64
