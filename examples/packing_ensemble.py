@@ -206,8 +206,21 @@ def figure(D, E, E_sem, dE, dE_sem, fd, fd_sem, grid_D, grid_slope, unrolled, bi
     if len(grid_D):
         ax_d.plot(grid_D, grid_slope, "s", mfc="none", color="C3", ms=8,
                   label=r"slope of $\langle E^*\rangle$ on the $D$ grid (cold starts)")
+    # The scale is that of the converged derivative: long unrolls explode (panel c), and
+    # would flatten everything else; their off-scale points sit on the edge as triangles.
+    core = np.concatenate([np.asarray(dE) - np.asarray(dE_sem), np.asarray(dE) + np.asarray(dE_sem),
+                           np.asarray(fd, float), np.asarray(grid_slope, float)])
+    lo, hi = np.nanmin(core), np.nanmax(core)
+    pad = 0.3 * ((hi - lo) or 1.0)
+    lo, hi = lo - pad, hi + pad
     for j, (K, mean) in enumerate(unrolled.items()):
-        ax_d.plot(D, mean, "--", marker=".", color=f"C{j + 4}", label=f"unrolled FIRE, K = {K} steps")
+        mean, color = np.asarray(mean, float), f"C{j + 4}"
+        above, below = mean > hi, mean < lo
+        label = f"unrolled FIRE, K = {K} steps" + (" (triangles: off scale)" if np.any(above | below) else "")
+        ax_d.plot(D, np.clip(mean, lo, hi), "--", marker=".", color=color, label=label)
+        ax_d.plot(np.asarray(D)[above], np.full(int(above.sum()), hi), "^", color=color, ms=9)
+        ax_d.plot(np.asarray(D)[below], np.full(int(below.sum()), lo), "v", color=color, ms=9)
+    ax_d.set_ylim(lo, hi)
     ax_d.set_xlabel(r"diameter $D$ of species A ($\sigma_{BB}$)")
     ax_d.set_ylabel(r"$\langle \mathrm{d}E^*/\mathrm{d}D\rangle$ ($\varepsilon/\sigma_{BB}$)")
     ax_d.set_title("(b) slope of the mean relaxed energy, box following D", fontsize="medium")
