@@ -78,6 +78,20 @@ def test_elastic_si_matches_literature(tmp_path):
     assert number_after(out, "largest relative deviation from the reference:") < 2e-3, out
 
 
+@pytest.mark.slow  # ~1-2 min: compiling Stillinger-Weber's derivatives, then 40 re-relaxations
+def test_uncertainty_growth_linear_at_small_covariance_and_not_at_large(tmp_path):
+    out = run_example("uncertainty_growth.py", tmp_path, "--samples", "20", "--scales", "0.005,0.08")
+    assert_figure(tmp_path / "uncertainty_growth.png")
+    assert (tmp_path / "uncertainty_growth.csv").exists()
+    # the truth: re-relaxations at the drawn parameters; on the same draws the linear model's
+    # spread equals theirs while the response is linear (measured 1.000 at 0.5 %) ...
+    small = number_after(out, "same-draw std ratio at s = 0.5 %:")
+    large = number_after(out, "same-draw std ratio at s = 8 %:")
+    assert abs(small - 1.0) < 5e-3, out
+    # ... and departs from it as the covariance grows (measured 0.905 at 8 % on these 20 draws)
+    assert abs(large - 1.0) > 10 * abs(small - 1.0) and abs(large - 1.0) > 0.02, out
+
+
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     # jacobian_precision.py is tested in tests/test_jacobian_error.py, next to its module
@@ -87,5 +101,6 @@ def test_every_example_is_tested():
     # fit_potential.py's in tests/test_fit_potential.py
     tested = {"packing_sensitivity.py", "jacobian_error.py", "fit_potential.py", "elastic_si.py",
               "jacobian_precision.py", "paper_md_sensitivity.py", "svm_hyperparameters.py",
-              "dataset_distillation.py", "sparse_coding.py", "silicon_vacancy.py", "packing_ensemble.py"}
+              "dataset_distillation.py", "sparse_coding.py", "silicon_vacancy.py", "packing_ensemble.py",
+              "uncertainty_growth.py"}
     assert scripts == tested, f"untested examples: {scripts - tested}"
