@@ -311,8 +311,7 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         self.pot = pot
         self.tol = float(tol)
         self.solve = solve or functools.partial(linear_solve.cg, tol=tol)
-        # The default CG can probe the spectrum during the solves (mdsens.md.probe).
-        self.probe_tol = float(tol) if solve is None else None
+        self.probe_tol = probe.probe_tolerance(solve, tol)
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
         self.stability = as_stability(stability)
         self.on_failure = check_policy(on_failure)

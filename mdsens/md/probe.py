@@ -22,7 +22,8 @@ import numpy as np
 from mdsens.implicit import linear_solve
 from mdsens.md.problem import known_modes, probed_null_basis
 
-__all__ = ["PROBE_SEED", "PROBE_STEPS", "PROBE_TOL_FACTOR", "probed_solves", "probes_spectrum", "with_probe"]
+__all__ = ["PROBE_SEED", "PROBE_STEPS", "PROBE_TOL_FACTOR", "probe_tolerance", "probed_solves", "probes_spectrum",
+           "with_probe"]
 
 #: Seed of the random right-hand side whose CG solve probes the Hessian's spectrum.
 PROBE_SEED = 20240702
@@ -67,6 +68,12 @@ def probed_solves(hessian: Callable, basis, rhs, z, tol: float):
                                                          maxiter=steps)  # never past its record
     x = x - (x @ Q) @ Q.T
     return x.reshape(rhs.shape), columns, (probe_info, tridiagonal)
+
+
+def probe_tolerance(solve, tol: float) -> Optional[float]:
+    """The probe's CG tolerance ``tol`` when the solves are the default CG (``solve`` is
+    ``None``), else ``None``: a user's solver builds no Lanczos tridiagonal to read."""
+    return float(tol) if solve is None else None
 
 
 def probes_spectrum(stability, probe_tol: Optional[float], system) -> bool:

@@ -98,7 +98,6 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
                                    neighbor_list=neighbor_list)
         self.cell = CellRelaxation(self.host, self.solve, self.stability, self.on_failure) if relax_cell else None
         self._roots = {}  # progress → the implicit layer (its compiled tangent lives with it)
-        self._dense_energy_fn = None  # all pairs, for traced calls of an automatic list choice
         self._evaluate = jax.jit(energy_forces_stress, static_argnums=0)
 
     def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
@@ -171,8 +170,6 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
         if not host.use_nl:
             return host.energy_fn
         if host.neighbor_options.enabled is None and n < self.pot.neighbor_list_min_atoms:
-            if self._dense_energy_fn is None:
-                self._dense_energy_fn = self.pot.energy_fn(self.template, neighbor_list=False)
             return self._dense_energy_fn
         raise OptionError(
             f"relax() of N={n} atoms uses a neighbor list, whose cutoff must be known on the "
@@ -180,6 +177,11 @@ class make_relax:  # noqa: N801  (a function that returns a function, jax-md sty
             "jax.jvp and jax.jacfwd of it work), pass neighbor_list=False (dense and exact), or "
             "differentiate with ms.sensitivity(result, pot)."
         )
+
+    @functools.cached_property
+    def _dense_energy_fn(self):
+        """All pairs, for traced calls of an automatic list choice (built once)."""
+        return self.pot.energy_fn(self.template, neighbor_list=False)
 
     def _outputs(self, system, R, aux, params):
         relaxed = system.replace(positions=R)

@@ -506,8 +506,7 @@ class _Derivative:
         self.pot = pot
         self.template = system
         self.solve = solve or _default_solve(tol)
-        # The default CG can probe the spectrum during the solves (mdsens.md.probe).
-        self.probe_tol = float(tol) if solve is None else None
+        self.probe_tol = probe.probe_tolerance(solve, tol)
         self.strict, self.strict_fmax = bool(strict), float(strict_fmax)
         self.stability = as_stability(stability)
         self.on_failure = check_policy(on_failure)
