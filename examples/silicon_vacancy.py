@@ -123,21 +123,21 @@ def bulk_zero_stress(p, n_sites):
 
 
 class FixedCellBulk:
-    """Energy of the perfect supercell at the fixed cell (direct evaluation; a fresh
-    neighbor list per parameter set, so growing cutoffs are honoured)."""
+    """Energy of the perfect supercell at the fixed cell (direct evaluation with
+    ``pot.energy``: a fresh neighbor list per parameter set, so growing cutoffs are
+    honoured)."""
 
     def __init__(self, pot, perfect):
         self.pot, self.perfect = pot, perfect
         self.E = pot.energy_fn(perfect, neighbor_list=True)
         self.nb0 = pot.neighbor_list(perfect)
-        self._jit = jax.jit(lambda p, nb: self.E(perfect.positions, p, perfect.cell, nb))
 
     def traced(self, p):
         """jax-traceable at the default neighbour list (derivatives at θ₀)."""
         return self.E(self.perfect.positions, p, self.perfect.cell, self.nb0)
 
     def __call__(self, p) -> float:
-        return float(self._jit(p, self.pot.neighbor_list(self.perfect, p)))
+        return float(self.pot.energy(self.perfect, p))
 
 
 # ------------------------------------------------------------------------ helpers

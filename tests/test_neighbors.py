@@ -308,3 +308,74 @@ def test_wide_pair_lists_get_a_short_list_and_relax_to_the_dense_minimum():
     packing, soft = binary_packing(128)
     nl = soft.neighbor_list_fn(packing, short_skin=neighbors.SHORT_SKIN_FRACTION * soft.cutoff())
     assert nl.allocate(packing.positions, packing.cell, short=True).short is None
+
+
+def test_short_list_of_a_wider_list_holds_exactly_the_pairs_of_the_interaction_cutoff():
+    """A list built 10 % wider than the parameters need (a cutoff that grew) keeps its
+    short list at the parameters' own cutoff: ASE's list at that radius is the truth."""
+    from ase.neighborlist import neighbor_list
+
+    system = si_vacancy()
+    pot = ms.potentials.StillingerWeber()
+    cutoff = float(pot.cutoff())
+    skin = neighbors.SHORT_SKIN_FRACTION * cutoff
+    nl = pot.neighbor_list_fn(system, cutoff=1.1 * cutoff, short_skin=skin)
+    nbrs = nl.allocate(system.positions, system.cell, short=True, interaction_cutoff=cutoff)
+    i, j = neighbor_list("ij", system.to_ase(), cutoff + skin)
+    idx = np.asarray(nbrs.short.idx)
+    ours = {(a, int(b)) for a in range(system.n_atoms) for b in idx[a] if b < system.n_atoms}
+    assert ours == set(zip(i.tolist(), j.tolist()))
+    assert len(ours) < 0.5 * len(neighbor_list("i", system.to_ase(), nl.short_radius))  # 2nd shell left out
+    with pytest.raises(ms.PotentialError, match="must cover"):
+        pot.neighbor_list_fn(system, cutoff=0.9 * cutoff)
+    with pytest.raises(ms.NeighborListError, match="interaction_cutoff"):
+        nl.allocate(system.positions, system.cell, short=True, interaction_cutoff=1.2 * cutoff)
+
+
+def test_allocation_like_an_earlier_list_keeps_its_shapes_and_its_pairs():
+    """``like=`` pads every capacity up to the earlier list's (never down); the padded
+    list gives the all-pairs energy and forces (the truth) to 1e-12."""
+    pot = ms.potentials.StillingerWeber()
+    system = si_vacancy()
+    nl = short_list_fn(pot, system)
+    wide = nl.allocate(system.positions, system.cell, short=True, extra_capacity=4)  # as after an overflow
+    plain = nl.allocate(system.positions, system.cell, short=True)
+    padded = nl.allocate(system.positions, system.cell, short=True, like=wide)
+    assert wide.idx.shape[1] > plain.idx.shape[1] and wide.short.idx.shape[1] > plain.short.idx.shape[1]
+    assert padded.idx.shape == wide.idx.shape and padded.short.idx.shape == wide.short.idx.shape
+    assert nl.allocate(system.positions, system.cell, short=True, like=plain).idx.shape == plain.idx.shape
+    no_short = nl.allocate(system.positions, system.cell)
+    assert nl.allocate(system.positions, system.cell, short=True, like=no_short).short is None  # same pytree
+    params = pot.params
+    assert_same(nl_ef(pot, system, params, padded), dense_ef(pot, system, params))
+
+
+def test_relaxations_at_drifting_parameters_compile_a_bounded_number_of_programs(caplog):
+    """A fit-like path (σ up 1 % per call, then back down) used to compile the relaxation
+    again at every new cutoff and every new list capacity, until the process ran out of
+    code mappings. Lists are now built with headroom and capacities only grow: a handful
+    of compilations for 16 relaxations, and each result is the all-pairs minimum."""
+    import logging
+
+    pot = ms.potentials.StillingerWeber()
+    system = si_vacancy()
+    sigmas = float(pot.params["sigma"]) * np.concatenate([1.0 + 0.01 * np.arange(8), 1.07 - 0.01 * np.arange(1, 9)])
+    at = lambda s: {**pot.params, "sigma": jnp.asarray(s)}  # noqa: E731
+    ms.relax(system, pot, params=at(sigmas[0]), fmax=1e-8, neighbor_list=True)  # compile
+    jax.config.update("jax_log_compiles", True)
+    results, compiled = [], []
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            for s in sigmas[1:]:
+                caplog.clear()
+                results.append(ms.relax(system, pot, params=at(s), fmax=1e-8, neighbor_list=True))
+                compiled.append(sum("Finished XLA compilation" in r.getMessage() for r in caplog.records))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    # The first calls compile for the wider list and for the second shell entering the
+    # short list (σ + 2 %: a real change of the interacting pairs); then nothing more,
+    # where every step up used to compile three to five programs.
+    assert sum(compiled) <= 16 and sum(compiled[3:]) == 0, compiled
+    for s, r in list(zip(sigmas[1:], results))[::5]:
+        dense = ms.relax(r.system, pot, params=at(s), fmax=1e-8, neighbor_list=False)
+        assert r.converged and abs(float(r.energy) - float(dense.energy)) < 1e-9

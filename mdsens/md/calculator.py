@@ -25,7 +25,6 @@ grows (padded with empty slots), so rebuilding recompiles only when it must grow
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ase.calculators import calculator as ase_calculator
 
@@ -39,10 +38,6 @@ from mdsens.md.strain import energy_forces_stress
 from mdsens.md.system import System
 
 __all__ = ["Calculator", "StressUnavailableError"]
-
-#: A rebuilt neighbor list's capacity is rounded up to a multiple of this, so that lists
-#: of slightly different sizes share one compiled program.
-CAPACITY_STEP = 8
 
 
 class StressUnavailableError(PotentialError, ase_calculator.PropertyNotImplementedError):
@@ -190,13 +185,9 @@ class Calculator(ase_calculator.Calculator):
                 self._neighbor = nl.allocate(system.positions, system.cell)
             self._neighbor_fn = nl
             self.neighbor_builds += 1
-            idx = np.asarray(self._neighbor.idx)
-            # A fixed capacity (grown, never shrunk) keeps the compiled program; padding
-            # slots hold N, which every energy skips.
-            self._capacity = max(self._capacity, CAPACITY_STEP * -(-idx.shape[1] // CAPACITY_STEP))
-            padded = np.full((idx.shape[0], self._capacity), system.n_atoms, dtype=idx.dtype)
-            padded[:, :idx.shape[1]] = idx
-            self._indices = neighbors.NeighborIndices(jnp.asarray(padded))
+            # A fixed capacity (grown, never shrunk) keeps the compiled program.
+            self._indices = neighbors.indices_only(self._neighbor, neighbors.INDEX_CAPACITY_STEP, self._capacity)
+            self._capacity = self._indices.idx.shape[1]
         return self._indices
 
 

@@ -115,6 +115,7 @@ class HostRelaxation:
         #: Diagnostics: neighbor lists reallocated after an overflow (all calls).
         self.reallocations = 0
         self._nl = None
+        self._widest = None
         self._compiled = None
         self._cell_list_fns = {}
         self._evaluate = jax.jit(lambda R, p, C, nb: energy_forces_stress(self.energy_fn, R, p, C, nb))
@@ -123,6 +124,7 @@ class HostRelaxation:
     def _compile(self, nl):
         init, step = minimize.minimizer(self.problem, self.minimizer, None if nl is None else nl.update)
         self._nl = nl
+        self._widest = None  # the list with the largest capacities these programs have seen
         self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)))
 
     def check_compatible(self, system):
@@ -144,7 +146,10 @@ class HostRelaxation:
         nl = self._nl
         if nl is None or nl.cutoff < cutoff:
             short_skin = neighbors.SHORT_SKIN_FRACTION * cutoff if self.short_lists else 0.0
-            nl = self.pot.neighbor_list_fn(system, params, short_skin=short_skin, **self.neighbor_options.kwargs())
+            if nl is not None:
+                cutoff = max(cutoff, (1.0 + neighbors.CUTOFF_GROWTH_HEADROOM) * nl.cutoff)
+            nl = self.pot.neighbor_list_fn(system, params, cutoff=cutoff, short_skin=short_skin,
+                                           **self.neighbor_options.kwargs())
         return nl
 
     def __call__(self, system: System, params=None, *, fmax: float = DEFAULT_FMAX,
@@ -165,6 +170,7 @@ class HostRelaxation:
             raise RelaxError("stress_tol only applies with relax_cell=True.")
 
         nl = self._neighbor_fn(system, params)
+        cutoff = None if nl is None else float(self.pot.cutoff(params))
         if self._compiled is None or nl is not self._nl:
             self._compile(nl)
         init, run = self._compiled
@@ -178,8 +184,7 @@ class HostRelaxation:
             if nl is None:
                 return None
             R, cell = self.problem.physical(X, cell_ref)
-            return neighbors.stable_metadata(nl.allocate(R, cell, extra_capacity=extra, short=self.short_lists),
-                                             self._cell_list_fns)
+            return self._allocated(nl, R, cell, extra=extra, short=self.short_lists, interaction_cutoff=cutoff)
 
         state = init(X0, params, cell_ref, allocate(X0))
         confirmed = None  # the fresh list that confirmed convergence, at the final positions
@@ -229,6 +234,16 @@ class HostRelaxation:
             bar.close()
         return self._result(system, state, params, nl, confirmed, evaluated, fmax, tol_s, max_steps)
 
+    def _allocated(self, nl, R, cell, extra=0, short=False, interaction_cutoff=None):
+        """A fresh list at ``(R, cell)`` with the shapes of the programs already compiled
+        (capacities only grow: a relaxation per parameter draw compiles a few variants,
+        not one per draw)."""
+        fresh = nl.allocate(R, cell, extra_capacity=extra, short=short, like=self._widest,
+                            interaction_cutoff=interaction_cutoff)
+        if short == self.short_lists:  # the loop's kind of list (the final one may lack the short)
+            self._widest = fresh
+        return neighbors.stable_metadata(fresh, self._cell_list_fns)
+
     def _physical(self, X, cell_ref):
         """Host form of ``problem.physical``: positions and cell of the state ``X``."""
         if not self.relax_cell:
@@ -254,8 +269,7 @@ class HostRelaxation:
         else:
             evaluated = None
             if nl is not None:  # unconfirmed, or the rotation removed from the cell moved every atom
-                neighbor = neighbors.stable_metadata(nl.allocate(relaxed.positions, relaxed.cell),
-                                                     self._cell_list_fns)
+                neighbor = self._allocated(nl, relaxed.positions, relaxed.cell)
         if evaluated is None:
             evaluated = self._evaluate(relaxed.positions, params, relaxed.cell, neighbor)
         energy, forces, stress = evaluated

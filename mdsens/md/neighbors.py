@@ -52,6 +52,11 @@ DEFAULT_SKIN_FRACTION = 0.1
 SPARSE_LIST_MAX_SHARE = 0.3
 #: ... and from this many atoms: below it, all pairs cost less than any list upkeep.
 SPARSE_LIST_MIN_ATOMS = 64
+#: When parameters need a longer cutoff than a relaxation's list functions cover, new ones
+#: are built this much longer (relative): a cutoff that grew (parameter draws, a fit) is
+#: likely to grow again, and each new list function compiles the relaxation's programs
+#: again. Short lists keep the parameters' own cutoff, so energies do not pay for it.
+CUTOFF_GROWTH_HEADROOM = 0.1
 #: Default strain margin, relative to the skin (margin = 0.5 * skin).
 DEFAULT_MARGIN_FRACTION = 0.5
 #: Largest memory (bytes) a cell list may take before the O(N²) build or an error.
@@ -137,17 +142,21 @@ def _jax_md_index_casts():
 
 
 class ShortList(NamedTuple):
-    """The pairs within ``cutoff + short_skin`` at the last short build (a pytree).
+    """The pairs within ``radius`` at the last short build (a pytree).
 
     Attributes:
       idx: ``(N, K)`` neighbor indices, padding ``N``: the list's pairs that interact.
       reference: ``(N, d)`` positions at the build (fractional if periodic).
       box: metric box at the build ``(d, d)``; ``None`` if free.
+      radius: the interaction cutoff it was built for plus ``short_skin`` (Å, 0-d): data,
+        not the list's static cutoff, so that a list built wider than the parameters
+        need (a cutoff that grew) keeps its short list as short as they allow.
     """
 
     idx: jax.Array
     reference: jax.Array
     box: Optional[jax.Array]
+    radius: jax.Array
 
 
 @jax.tree_util.register_pytree_node_class
@@ -260,18 +269,31 @@ def overflow_flag(neighbor):
     return jnp.asarray(False) if flag is None else jnp.asarray(flag)
 
 
-def indices_only(neighbor):
+#: Host callers that pass fresh lists to one compiled program pad the capacity to a
+#: multiple of this (:func:`indices_only`): a handful of shapes instead of one per count.
+INDEX_CAPACITY_STEP = 8
+
+
+def indices_only(neighbor, step: int = 1, floor: int = 0):
     """The part of a neighbor list to pass into jitted code: ``NeighborIndices`` or None.
 
     jax-md's ``NeighborList`` keeps ``cell_size`` (an array) and a fresh update closure as
     static pytree metadata, so passing a newly allocated list into a jitted function
     retraces and recompiles it every time. Energies only need the indices, whose shape is
-    the capacity. A concrete list that overflowed is refused.
+    the capacity: padded here (with ``N``, which every energy skips) to at least ``floor``
+    slots and a multiple of ``step``. A concrete list that overflowed is refused.
     """
     if neighbor is None:
         return None
     refuse_overflowed(neighbor)
-    return NeighborIndices(neighbor_idx(neighbor))
+    idx = neighbor_idx(neighbor)
+    n, width = idx.shape
+    capacity = max(int(floor), step * -(-width // step))
+    if capacity > width:
+        padded = np.full((n, capacity), n, np.asarray(idx).dtype)  # numpy: no eager op to compile
+        padded[:, :width] = np.asarray(idx)
+        idx = jnp.asarray(padded)
+    return NeighborIndices(idx)
 
 
 def neighbor_idx(neighbor):
@@ -297,6 +319,30 @@ def overflow_capacity(neighbor) -> int:
     """Extra slots for the reallocation of an overflowed list: its capacity doubles (at
     least 8 more), since every new shape costs a recompilation."""
     return max(8, int(neighbor_idx(neighbor).shape[1]))
+
+
+def with_floor(neighbor: Neighbors, like: Neighbors) -> Neighbors:
+    """``neighbor`` with every capacity at least that of ``like`` (same functions, same N).
+
+    Each new capacity is a new shape, and each new shape compiles every program that takes
+    the list again; a caller that builds many lists (a relaxation per parameter draw) keeps
+    its programs by letting capacities grow, never shrink. The list slots are padded with
+    ``N``, which every consumer skips; the cell-list capacity only sizes later rebuilds.
+    """
+    nbrs, floor = neighbor.nbrs, like.nbrs
+    n, width = nbrs.idx.shape
+    changes = {}
+    if floor.idx.shape[1] > width:
+        idx = np.full((n, floor.idx.shape[1]), n, nbrs.idx.dtype)  # numpy: no eager op to compile
+        idx[:, :width] = np.asarray(nbrs.idx)
+        changes.update(idx=jnp.asarray(idx), max_occupancy=floor.idx.shape[1])
+    if (nbrs.cell_list_capacity is not None and floor.cell_list_capacity is not None
+            and floor.cell_list_capacity > nbrs.cell_list_capacity):
+        changes["cell_list_capacity"] = floor.cell_list_capacity
+    if not changes:
+        return neighbor
+    return Neighbors(dataclasses.replace(nbrs, **changes), neighbor.reference_box, neighbor.cutoff, neighbor.skin,
+                     neighbor.short, neighbor.short_skin)
 
 
 def stable_metadata(neighbor, cell_list_fns: dict):
@@ -405,7 +451,8 @@ class NeighborListFn:
 
     @property
     def short_radius(self) -> float:
-        """Pairs closer than this at the last short build are in the short list (Å)."""
+        """The widest short list's radius (Å): pairs closer than this at its build are in
+        it (``allocate(..., interaction_cutoff=c)`` builds one of radius ``c + short_skin``)."""
         return self.cutoff + self.short_skin
 
     @property
@@ -423,11 +470,16 @@ class NeighborListFn:
         frac = jnp.mod(frac, 1.0)
         return frac, {"box": metric_box(cell)}
 
-    def allocate(self, positions, cell=None, extra_capacity: int = 0, short: bool = False) -> Neighbors:
+    def allocate(self, positions, cell=None, extra_capacity: int = 0, short: bool = False,
+                 like: Optional[Neighbors] = None, interaction_cutoff: Optional[float] = None) -> Neighbors:
         """Build a list from scratch (host; not jit-able: the capacity is data-dependent).
 
         ``short=True`` (with ``short_skin > 0``) adds a :class:`ShortList` when it pays
-        (:func:`short_list_pays`); ``extra_capacity`` enlarges it too.
+        (:func:`short_list_pays`); ``extra_capacity`` enlarges it too. ``like``, an earlier
+        list of these functions, sets floors: every capacity at least its own, and a short
+        list kept exactly when it kept one, so that the new list has its shapes unless it
+        needs more (a program compiled for ``like`` is reused; :func:`with_floor`).
+        ``interaction_cutoff`` (at most ``cutoff``) is the range the short list must hold.
         """
         if self.cell_list and self.n_atoms > HOST_ALLOCATION_MAX_ATOMS:
             x, kw = self._frac(positions, cell)
@@ -438,30 +490,40 @@ class NeighborListFn:
         out = Neighbors(nbrs, kw.get("box"), self.cutoff, self.skin)
         if out.needs_reallocation():  # cannot happen for a fresh list; never ignore it
             raise NeighborListError(f"freshly allocated neighbor list reports an error: {nbrs.error}")
-        if short and self.short_skin > 0:
-            out = self._with_short(out, positions, cell, extra_capacity)
+        if like is not None:
+            out = with_floor(out, like)
+        if short and self.short_skin > 0 and (like is None or like.short is not None):
+            cutoff = self.cutoff if interaction_cutoff is None else float(interaction_cutoff)
+            if not 0 < cutoff <= self.cutoff:
+                raise NeighborListError(
+                    f"interaction_cutoff must lie in (0, {self.cutoff:g}] (the list's cutoff); got {cutoff:g}.")
+            out = self._with_short(out, positions, cell, extra_capacity, like, cutoff + self.short_skin)
         return out
 
-    def _with_short(self, neighbor: Neighbors, positions, cell, extra_capacity: int) -> Neighbors:
+    def _with_short(self, neighbor: Neighbors, positions, cell, extra_capacity: int,
+                    like: Optional[Neighbors], radius: float) -> Neighbors:
         x, kw = self._frac(positions, cell)
         x, box = np.asarray(x), kw.get("box")
         candidates = np.asarray(neighbor.idx)
-        near = _host_pairs_within(x, None if box is None else np.asarray(box), candidates, self.short_radius)
+        near = _host_pairs_within(x, None if box is None else np.asarray(box), candidates, radius)
         K = _capacity(int(near.sum(axis=1).max(initial=0)) + SHORT_SLACK + extra_capacity)
-        if not short_list_pays(K, candidates.shape[1]):
+        if like is not None:  # kept because `like` kept one; at least as wide
+            K = max(K, like.short.idx.shape[1])
+        elif not short_list_pays(K, candidates.shape[1]):
             return neighbor
-        short = ShortList(jnp.asarray(_compacted(near, candidates, K)), jnp.asarray(x), box)
+        short = ShortList(jnp.asarray(_compacted(near, candidates, K)), jnp.asarray(x), box,
+                          jnp.asarray(radius, jnp.float64))
         return Neighbors(neighbor.nbrs, neighbor.reference_box, self.cutoff, self.skin, short, self.short_skin)
 
-    def _short_build(self, x, box, idx, capacity: int):
-        """``(idx (N, capacity), overflowed)``: the pairs of ``idx`` within the short radius
-        at ``x``, in list order (jit-able; a cumulative count places them, no sort)."""
+    def _short_build(self, x, box, idx, capacity: int, radius):
+        """``(idx (N, capacity), overflowed)``: the pairs of ``idx`` within ``radius`` at
+        ``x``, in list order (jit-able; a cumulative count places them, no sort)."""
         n = idx.shape[0]
         d = x[:, None, :] - jnp.take(x, jnp.minimum(idx, n - 1), axis=0)
         if box is not None:
             d = (d - jnp.floor(d + 0.5)) @ jnp.asarray(box).T
         rows = jnp.arange(n)[:, None]
-        within = (idx < n) & (idx != rows) & (jnp.sum(d * d, axis=-1) < self.short_radius ** 2)
+        within = (idx < n) & (idx != rows) & (jnp.sum(d * d, axis=-1) < radius ** 2)
         slot = jnp.cumsum(within, axis=1) - 1
         target = jnp.where(within & (slot < capacity), slot, capacity)  # column `capacity`: discarded
         short = jnp.full((n, capacity + 1), n, idx.dtype).at[rows, target].set(idx)[:, :capacity]
@@ -478,12 +540,12 @@ class NeighborListFn:
         moved = jnp.sqrt(jnp.max(jnp.sum(ds * ds, axis=1)))
         # A pair beyond the short radius at the build is now at least
         # radius (1 - strain) - 2 moved: outside the cutoff while this stays below the skin.
-        stale = 2.0 * moved + strain * self.short_radius > self.short_skin
+        stale = 2.0 * moved + strain * short.radius > self.short_skin
         capacity = short.idx.shape[1]
 
         def rebuild(_):
-            new_idx, overflowed = self._short_build(x, box, idx, capacity)
-            return ShortList(new_idx.astype(short.idx.dtype), x, box), overflowed
+            new_idx, overflowed = self._short_build(x, box, idx, capacity, short.radius)
+            return ShortList(new_idx.astype(short.idx.dtype), x, box, short.radius), overflowed
 
         return lax.cond(stale, rebuild, lambda _: (short, jnp.zeros((), bool)), None)
 

@@ -376,14 +376,21 @@ class Potential:
         return as_float64_tree(params)
 
     # -- neighbor lists -----------------------------------------------------------------
-    def neighbor_list_fn(self, system: System, params=None, **kwargs) -> "neighbors.NeighborListFn":
-        """A :class:`mdsens.md.neighbors.NeighborListFn` covering ``self.cutoff(params)``.
+    def neighbor_list_fn(self, system: System, params=None, cutoff=None, **kwargs) -> "neighbors.NeighborListFn":
+        """A :class:`mdsens.md.neighbors.NeighborListFn` covering ``self.cutoff(params)``,
+        or ``cutoff`` (Å) if given, which must be at least that.
 
         ``kwargs`` go to :func:`mdsens.md.neighbors.neighbor_list_fn` (``skin``,
-        ``capacity_multiplier``).
+        ``capacity_multiplier``, ``short_skin``).
         """
         params = self.check(system, params)
-        return neighbors.neighbor_list_fn(system, self.cutoff(params), **kwargs)
+        needed = float(self.cutoff(params))
+        if cutoff is None:
+            cutoff = needed
+        elif not float(cutoff) >= needed:
+            raise PotentialError(f"a neighbor list for {self.name} at these parameters must cover "
+                                 f"{needed:g} Å; got cutoff={cutoff!r}.")
+        return neighbors.neighbor_list_fn(system, cutoff, **kwargs)
 
     def neighbor_list(self, system: System, params=None, **kwargs) -> "neighbors.Neighbors":
         """An allocated, checked neighbor list for ``system`` (host)."""
@@ -400,7 +407,9 @@ class Potential:
         key = ("potential_" + kind, self.cache_key(), cache.layout_key(system), use_nl)
         fn = cache.memoized(key, lambda: jax.jit(functools.partial(
             what, self.energy_fn(system, neighbor_list=use_nl, params=params))))
-        nbrs = neighbors.indices_only(self.neighbor_list(system, params)) if use_nl else None
+        nbrs = None
+        if use_nl:  # a fresh list per call: its capacity is padded to few shapes
+            nbrs = neighbors.indices_only(self.neighbor_list(system, params), neighbors.INDEX_CAPACITY_STEP)
         out = fn(system.positions, params, system.cell, nbrs)
         if is_traced(out):
             # under jvp/vmap of the caller the values are not known here; the caller's
