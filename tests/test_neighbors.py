@@ -213,6 +213,33 @@ def test_host_allocation_equals_jax_md_allocation(periodic):
     assert pairs(updated.idx) == pairs(reference.idx) and not updated.needs_reallocation()
 
 
+def test_tree_allocation_of_a_rectangular_cell_equals_jax_md_allocation():
+    """Above HOST_ALLOCATION_MAX_ATOMS a rectangular cell's list comes from scipy's
+    periodic k-d tree: jax-md's own allocation is the truth for its pairs, capacity and
+    cell list, and the list rebuilds inside jit (through that cell list) as jax-md's does."""
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat((5, 5, 5))
+    del atoms[7]
+    atoms.rattle(0.1, seed=4)
+    system = ms.System.from_ase(atoms)
+    assert system.n_atoms > neighbors.HOST_ALLOCATION_MAX_ATOMS
+    nl = neighbors.neighbor_list_fn(system, 3.2, capacity_multiplier=1.3)
+    assert nl.cell_list
+    ours = nl.allocate(system.positions, system.cell, extra_capacity=2)
+    x, kw = nl._frac(system.positions, system.cell)
+    theirs = nl._fns.allocate(x, extra_capacity=2, **kw)
+    assert ours.nbrs.max_occupancy == theirs.max_occupancy == ours.idx.shape[1]
+    assert float(ours.nbrs.cell_size) == pytest.approx(float(theirs.cell_size), rel=1e-12)
+    assert ours.nbrs.cell_list_capacity >= theirs.cell_list_capacity
+    n = system.n_atoms
+    pairs = lambda idx: {(i, int(j)) for i, row in enumerate(np.asarray(idx)) for j in row if j < n}  # noqa: E731
+    assert pairs(ours.idx) == pairs(theirs.idx) and len(pairs(ours.idx)) > 3 * n
+    moved = system.positions + 0.6 * nl.skin * np.random.default_rng(0).normal(size=system.positions.shape)
+    updated = jax.jit(lambda R, nb: nl.update(R, nb, system.cell))(moved, ours)
+    reference = nl._fns.allocate(nl._frac(moved, system.cell)[0], **kw)
+    assert not np.array_equal(np.asarray(updated.nbrs.reference_position), np.asarray(ours.nbrs.reference_position))
+    assert pairs(updated.idx) == pairs(reference.idx) and not updated.needs_reallocation()
+
+
 # ------------------------------------------------------------------- short lists
 def si_vacancy(repeat=2, rattle=0.02, seed=0):
     atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat(repeat)

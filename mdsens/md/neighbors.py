@@ -483,8 +483,11 @@ class NeighborListFn:
         """
         if self.cell_list and self.n_atoms > HOST_ALLOCATION_MAX_ATOMS:
             x, kw = self._frac(positions, cell)
-            with _jax_md_index_casts():
-                nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
+            if _is_diagonal(kw["box"]):
+                nbrs = self._allocate_with_tree(np.asarray(x), np.asarray(kw["box"]), extra_capacity)
+            else:
+                with _jax_md_index_casts():
+                    nbrs = self._fns.allocate(x, extra_capacity=extra_capacity, **kw)
         else:
             nbrs, kw = self._allocate_all_pairs(positions, cell, extra_capacity)
         out = Neighbors(nbrs, kw.get("box"), self.cutoff, self.skin)
@@ -549,6 +552,49 @@ class NeighborListFn:
 
         return lax.cond(stale, rebuild, lambda _: (short, jnp.zeros((), bool)), None)
 
+    def _allocate_with_tree(self, x, box, extra_capacity):
+        """jax-md's cell-list allocation for a rectangular cell, with the pairs found by
+        scipy's periodic k-d tree: the same list (pairs closer than ``list_radius``, the
+        same capacity rule, jax-md's cell list for later rebuilds), 8x faster on the CPU
+        (N = 4095 Si: 11 against 90 ms, most of it jax-md's candidate pruning)."""
+        from scipy.spatial import cKDTree
+
+        n = x.shape[0]
+        lengths = np.diag(box).astype(np.float64)
+        y = x * lengths
+        y = np.where(y >= lengths, y - lengths, y)  # x < 1 may still round up to the length
+        pairs = cKDTree(y, boxsize=lengths).query_pairs(self.list_radius, output_type="ndarray")
+        rows = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        cols = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        order = np.lexsort((cols, rows))
+        rows, cols = rows[order], cols[order]
+        # jax-md's cell list, as its own allocation builds it (fractional cells of size
+        # 1 / floor(min width / radius)), so that rebuilds inside the loop use one.
+        per_side = max(np.floor(np.min(lengths) / self.list_radius), 1.0)
+        cell_size = 1.0 / per_side
+        cell_fn, cell_capacity = None, None
+        if cell_size < 1.0 / 3.0:
+            cell_fn = partition.cell_list(1.0, cell_size, self.capacity_multiplier)
+            with _jax_md_index_casts():
+                cell_capacity = int(cell_fn.allocate(jnp.asarray(x), extra_capacity=extra_capacity).cell_capacity)
+        idx, capacity = self._slots(rows, cols, n, extra_capacity)
+        if cell_capacity is not None:  # candidates (3^d cells) must hold every slot
+            cell_capacity = max(cell_capacity, -(-capacity // 3 ** x.shape[1]))
+        return partition.NeighborList(
+            jnp.asarray(idx), jnp.asarray(x), partition.PartitionError(jnp.zeros((), jnp.uint8)),
+            cell_capacity, capacity, partition.Dense, cell_size, cell_fn, self._fns.update)
+
+    def _slots(self, rows, cols, n, extra_capacity):
+        """``(idx (N, capacity), capacity)`` from row-sorted pairs, capacity as jax-md sizes it."""
+        counts = np.bincount(rows, minlength=n)
+        occupancy = int(counts.max(initial=0))
+        capacity = min(int(occupancy * self.capacity_multiplier + extra_capacity), max(n - 1, 0))
+        slot = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+        keep = slot < capacity
+        idx = np.full((n, capacity), n, dtype=np.int32)
+        idx[rows[keep], slot[keep]] = cols[keep]
+        return idx, capacity
+
     def _allocate_all_pairs(self, positions, cell, extra_capacity):
         """jax-md's allocation without a cell list, in numpy: the same list (pairs closer
         than ``list_radius`` in the metric jax-md uses, capacity sized as jax-md sizes it),
@@ -570,13 +616,7 @@ class NeighborListFn:
             rows.append(i[i != j])
             cols.append(j[i != j])
         rows, cols = np.concatenate(rows), np.concatenate(cols)  # row-major: sorted by row
-        counts = np.bincount(rows, minlength=n)
-        occupancy = int(counts.max(initial=0))
-        capacity = min(int(occupancy * self.capacity_multiplier + extra_capacity), max(n - 1, 0))
-        slot = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
-        keep = slot < capacity
-        idx = np.full((n, capacity), n, dtype=np.int32)
-        idx[rows[keep], slot[keep]] = cols[keep]
+        idx, capacity = self._slots(rows, cols, n, extra_capacity)
         nbrs = partition.NeighborList(
             jnp.asarray(idx), jnp.asarray(x), partition.PartitionError(jnp.zeros((), jnp.uint8)),
             None, capacity, partition.Dense, None, None, self._fns.update)
@@ -610,6 +650,11 @@ class NeighborListFn:
             # the host reallocates on this flag, as for the list itself (refresh, driver)
             new = dataclasses.replace(new, error=new.error.update(partition.PEC.NEIGHBOR_LIST_OVERFLOW, overflowed))
         return Neighbors(new, ref_box, self.cutoff, self.skin, short, neighbors.short_skin)
+
+
+def _is_diagonal(box) -> bool:
+    box = np.asarray(box)
+    return bool(np.all(box == np.diag(np.diag(box))))
 
 
 def _use_cell_list(system: System, radius: float) -> bool:
