@@ -213,16 +213,28 @@ def test_host_allocation_equals_jax_md_allocation(periodic):
     assert pairs(updated.idx) == pairs(reference.idx) and not updated.needs_reallocation()
 
 
-def test_tree_allocation_of_a_rectangular_cell_equals_jax_md_allocation():
-    """Above HOST_ALLOCATION_MAX_ATOMS a rectangular cell's list comes from scipy's
-    periodic k-d tree: jax-md's own allocation is the truth for its pairs, capacity and
-    cell list, and the list rebuilds inside jit (through that cell list) as jax-md's does."""
+def _silicon_999():
     atoms = bulk("Si", "diamond", a=5.431, cubic=True).repeat((5, 5, 5))
     del atoms[7]
     atoms.rattle(0.1, seed=4)
-    system = ms.System.from_ase(atoms)
+    return ms.System.from_ase(atoms), 3.2
+
+
+def _discs_2d():
+    rng = np.random.default_rng(5)
+    cell = np.diag([40.0, 31.0])
+    positions = rng.uniform(size=(900, 2)) @ cell
+    return ms.System(positions=positions, species=np.zeros(900, int), symbols=("A",), cell=cell, pbc=True), 2.5
+
+
+@pytest.mark.parametrize("build", [_silicon_999, _discs_2d])
+def test_tree_allocation_of_a_rectangular_cell_equals_jax_md_allocation(build):
+    """Above HOST_ALLOCATION_MAX_ATOMS a rectangular cell's list comes from scipy's
+    periodic k-d tree: jax-md's own allocation is the truth for its pairs, capacity and
+    cell list, and the list rebuilds inside jit (through that cell list) as jax-md's does."""
+    system, cutoff = build()
     assert system.n_atoms > neighbors.HOST_ALLOCATION_MAX_ATOMS
-    nl = neighbors.neighbor_list_fn(system, 3.2, capacity_multiplier=1.3)
+    nl = neighbors.neighbor_list_fn(system, cutoff, capacity_multiplier=1.3)
     assert nl.cell_list
     ours = nl.allocate(system.positions, system.cell, extra_capacity=2)
     x, kw = nl._frac(system.positions, system.cell)
