@@ -287,13 +287,17 @@ def indices_only(neighbor, step: int = 1, floor: int = 0):
         return None
     refuse_overflowed(neighbor)
     idx = neighbor_idx(neighbor)
-    n, width = idx.shape
+    width = idx.shape[1]
     capacity = max(int(floor), step * -(-width // step))
-    if capacity > width:
-        padded = np.full((n, capacity), n, np.asarray(idx).dtype)  # numpy: no eager op to compile
-        padded[:, :width] = np.asarray(idx)
-        idx = jnp.asarray(padded)
-    return NeighborIndices(idx)
+    return NeighborIndices(_padded(idx, capacity) if capacity > width else idx)
+
+
+def _padded(idx, capacity: int):
+    """``idx (N, K)`` widened to ``(N, capacity)`` with ``N`` (numpy: no eager op to compile)."""
+    n, width = idx.shape
+    out = np.full((n, capacity), n, np.asarray(idx).dtype)
+    out[:, :width] = np.asarray(idx)
+    return jnp.asarray(out)
 
 
 def neighbor_idx(neighbor):
@@ -330,12 +334,10 @@ def with_floor(neighbor: Neighbors, like: Neighbors) -> Neighbors:
     ``N``, which every consumer skips; the cell-list capacity only sizes later rebuilds.
     """
     nbrs, floor = neighbor.nbrs, like.nbrs
-    n, width = nbrs.idx.shape
+    width = nbrs.idx.shape[1]
     changes = {}
     if floor.idx.shape[1] > width:
-        idx = np.full((n, floor.idx.shape[1]), n, nbrs.idx.dtype)  # numpy: no eager op to compile
-        idx[:, :width] = np.asarray(nbrs.idx)
-        changes.update(idx=jnp.asarray(idx), max_occupancy=floor.idx.shape[1])
+        changes.update(idx=_padded(nbrs.idx, floor.idx.shape[1]), max_occupancy=floor.idx.shape[1])
     if (nbrs.cell_list_capacity is not None and floor.cell_list_capacity is not None
             and floor.cell_list_capacity > nbrs.cell_list_capacity):
         changes["cell_list_capacity"] = floor.cell_list_capacity
