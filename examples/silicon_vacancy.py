@@ -87,6 +87,16 @@ def structures(n: int):
     return ms.System.from_ase(atoms), ms.System.from_ase(vac), site
 
 
+def vacancy_setting(p, size: int):
+    """``(pot, θ₀, perfect, start, site, c_n)`` for ``--size`` cubic cells per axis, refused
+    by the parser ``p`` below 2; ``c_n = (N − 1)/N`` scales the bulk energy in E_f."""
+    if size < 2:
+        p.error("--size must be >= 2 (the 3.77 Å cutoff needs a cell wider than 7.5 Å)")
+    pot = ms.potentials.StillingerWeber()
+    perfect, start, site = structures(size)
+    return pot, dict(pot.params), perfect, start, site, (perfect.n_atoms - 1) / perfect.n_atoms
+
+
 def volume(cell) -> float:
     return float(abs(np.linalg.det(np.asarray(cell))))
 
@@ -286,16 +296,10 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=20, help="Monte Carlo re-relaxations (each cell type)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
     args = p.parse_args(argv)
-    if args.size < 2:
-        p.error("--size must be >= 2 (the 3.77 Å cutoff needs a cell wider than 7.5 Å)")
+    pot, theta0, perfect, start, site, c_n = vacancy_setting(p, args.size)
     out = _common.out_dir(args.out)
     timer = _common.Timer()
-
-    pot = ms.potentials.StillingerWeber()
-    theta0 = dict(pot.params)
-    perfect, start, site = structures(args.size)
     n_sites = perfect.n_atoms
-    c_n = (n_sites - 1) / n_sites
     print(f"SW silicon, {args.size}x{args.size}x{args.size} cubic cells: {n_sites} sites, vacancy cell "
           f"{start.n_atoms} atoms, a = {LATTICE} Å, V = {volume(perfect.cell):.4f} Å³")
 

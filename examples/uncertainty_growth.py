@@ -39,7 +39,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 import mdsens as ms  # noqa: E402
 from mdsens.md.sensitivity import parameter_labels  # noqa: E402
-from silicon_vacancy import FMAX, FixedCellBulk, energy_observable, flat, structures, write_csv  # noqa: E402
+from silicon_vacancy import FMAX, FixedCellBulk, energy_observable, flat, vacancy_setting, write_csv  # noqa: E402
 
 #: The uncertain parameters; each gets the same relative standard deviation s.
 UNCERTAIN = ("epsilon", "sigma", "lam")
@@ -57,17 +57,11 @@ def main(argv=None):
     scales = sorted(float(s) for s in args.scales.split(","))
     if args.samples < 3:
         p.error("--samples must be at least 3 (a standard deviation and its error)")
-    if args.size < 2:
-        p.error("--size must be >= 2 (the 3.77 Å cutoff needs a cell wider than 7.5 Å)")
     if not all(0 < s < 0.3 for s in scales):
         p.error("--scales must lie in (0, 0.3)")
+    pot, theta0, perfect, start, _, c_n = vacancy_setting(p, args.size)
     out = _common.out_dir(args.out)
     timer = _common.Timer()
-
-    pot = ms.potentials.StillingerWeber()
-    theta0 = dict(pot.params)
-    perfect, start, _ = structures(args.size)
-    c_n = (perfect.n_atoms - 1) / perfect.n_atoms
     bulk = FixedCellBulk(pot, perfect)
     res = ms.relax(start, pot, fmax=FMAX, max_steps=100_000)
     if not res.converged:

@@ -80,7 +80,7 @@ def test_bulk_closed_form_matches_the_supercell():
 
 
 # ------------------------------------------------------------------------ slow: the script
-@pytest.mark.slow  # ~5-10 min on 2 shared cores at 63 atoms, nearly all compilation
+@pytest.mark.slow  # ~2 min on 2 cores at 63 atoms, most of it compilation
 def test_example_at_reduced_size(tmp_path):
     out = run_example("silicon_vacancy.py", tmp_path, "--size", "2", "--samples", str(SAMPLES), timeout=2400)
     assert_figure(tmp_path / "silicon_vacancy.png")
