@@ -138,11 +138,11 @@ class HostRelaxation:
                 "Build a new one with ms.make_relax(pot, system)."
             )
 
-    def _neighbor_fn(self, system, params):
-        """Neighbor-list functions covering ``params`` (reused if they still cover them)."""
+    def _neighbor_fn(self, system, params, cutoff: float):
+        """Neighbor-list functions covering ``cutoff``, the range of ``params`` (reused if
+        they still cover it)."""
         if not self.use_nl:
             return None
-        cutoff = float(self.pot.cutoff(params))
         nl = self._nl
         if nl is None or nl.cutoff < cutoff:
             short_skin = neighbors.SHORT_SKIN_FRACTION * cutoff if self.short_lists else 0.0
@@ -169,8 +169,8 @@ class HostRelaxation:
         elif stress_tol is not None:
             raise RelaxError("stress_tol only applies with relax_cell=True.")
 
-        nl = self._neighbor_fn(system, params)
-        cutoff = None if nl is None else float(self.pot.cutoff(params))
+        cutoff = float(self.pot.cutoff(params)) if self.use_nl else None
+        nl = self._neighbor_fn(system, params, cutoff)
         if self._compiled is None or nl is not self._nl:
             self._compile(nl)
         init, run = self._compiled
