@@ -66,6 +66,7 @@ __all__ = [
     "ErrorEstimate",
     "newton_step",
     "first_order_error",
+    "rhs_variation",
     "first_order_estimate",
     "newton_linearity",
     "adjoint",
@@ -928,9 +929,40 @@ def newton_step(F: Callable, x_hat, theta, *, solve: Callable, nullspace=None, s
                       operator=operator)
 
 
+def rhs_variation(F: Callable, x_hat, theta, delta, theta_tangent, *, step: float = FIRST_ORDER_STEP):
+    """``(b, ∂ₓb[δ̂])``: the right-hand side ``b = ∂₂F(x̂, θ) θ̇`` of one implicit-Jacobian
+    column and its derivative along ``δ̂ = δ/‖δ‖`` (a one-sided difference over ``step``).
+
+    ``‖∂ₓb[δ̂]‖ ‖δ‖`` is how much of ``b`` an inexact root leaves undetermined (the first
+    term of Theorem 1), the residual below which a solve for this column gains nothing
+    (``atol`` of :func:`mdsens.linear_solve.cg`). Both are shaped like ``x_hat``; pass them
+    to :func:`first_order_error` as ``rhs_terms`` so that it does not compute them again.
+    Jittable.
+    """
+    zero_x = jax.tree_util.tree_map(jnp.zeros_like, x_hat)
+    unit, _ = _unit(delta)
+    shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
+    b0, b1 = _stacked_jvps(F, theta, (x_hat, shifted), (zero_x, zero_x), (theta_tangent, theta_tangent))
+    return b0, jax.tree_util.tree_map(lambda p, q: (q - p) / step, b0, b1)
+
+
+def _unit(delta):
+    d_flat, unravel = ravel_pytree(delta)
+    length = jnp.linalg.norm(d_flat)
+    return unravel(d_flat / jnp.where(length > 0, length, 1.0)), length
+
+
+def _stacked_jvps(F, theta, points, x_tangents, theta_tangents):
+    """``∂F(x_k, θ)·(ẋ_k, θ̇_k)`` for each k: one copy of the jvp program, vmapped."""
+    stack = lambda trees: jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)  # noqa: E731
+    products = jax.vmap(lambda x, tx, tt: jax.jvp(F, (x, theta), (tx, tt))[1])(
+        stack(points), stack(x_tangents), stack(theta_tangents))
+    return tuple(jax.tree_util.tree_map(lambda v, i=i: v[i], products) for i in range(len(points)))
+
+
 def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent, *, solve: Callable,
                       nullspace=None, symmetric: bool = False, operator: Optional[Callable] = None,
-                      step: float = FIRST_ORDER_STEP):
+                      step: float = FIRST_ORDER_STEP, rhs_terms=None):
     """The error of one implicit-Jacobian column at ``x̂``, to first order in ``δ = x̂ − x*``.
 
     With ``ẋ = J(x̂) θ̇`` (``x_tangent``, a solution of ``∂F(x̂)·(ẋ, θ̇) = 0``),
@@ -941,7 +973,8 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
     the derivative of ``J`` along ``δ``: Theorem 1's two terms, with the directional
     derivatives of ``A`` and ``B`` along the actual error in place of Lipschitz constants
     over a ball. They are one-sided differences over :data:`FIRST_ORDER_STEP` (``step``)
-    along ``δ/‖δ‖``, four tangents of one vmapped ``jax.jvp`` of ``F``. Jittable.
+    along ``δ/‖δ‖``, four tangents of one vmapped ``jax.jvp`` of ``F`` (two when
+    ``rhs_terms``, :func:`rhs_variation`'s output for this column, are given). Jittable.
 
     Returns:
       ``(e, residual, (β, γ_J), SolveInfo)``: ``e`` shaped like ``x_hat`` (x per unit
@@ -952,20 +985,14 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
       theorem's constants along the unit direction ``δ̂`` (for
       :func:`theorem1_constant_local`).
     """
-    d_flat, unravel = ravel_pytree(delta)
-    length = jnp.linalg.norm(d_flat)
-    unit = unravel(d_flat / jnp.where(length > 0, length, 1.0))
-    zero_x = jax.tree_util.tree_map(jnp.zeros_like, x_tangent)
+    unit, length = _unit(delta)
     zero_t = jax.tree_util.tree_map(jnp.zeros_like, theta_tangent)
-    stack = lambda *trees: jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)  # noqa: E731
     shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
-    # B θ̇ and A ẋ at x̂ and at x̂ + h δ̂: one copy of the jvp program, vmapped
-    products = jax.vmap(lambda x, tx, tt: jax.jvp(F, (x, theta), (tx, tt))[1])(
-        stack(x_hat, shifted, x_hat, shifted), stack(zero_x, zero_x, x_tangent, x_tangent),
-        stack(theta_tangent, theta_tangent, zero_t, zero_t))
-    b0, b1, a0, a1 = (jax.tree_util.tree_map(lambda v, i=i: v[i], products) for i in range(4))
+    if rhs_terms is None:
+        rhs_terms = rhs_variation(F, x_hat, theta, delta, theta_tangent, step=step)
+    b0, d_b = rhs_terms
+    a0, a1 = _stacked_jvps(F, theta, (x_hat, shifted), (x_tangent, x_tangent), (zero_t, zero_t))
     norm = lambda tree: jnp.linalg.norm(ravel_pytree(tree)[0])  # noqa: E731
-    d_b = jax.tree_util.tree_map(lambda p, q: (q - p) / step, b0, b1)
     d_a = jax.tree_util.tree_map(lambda p, q: (q - p) / step, a0, a1)
     residual = jax.tree_util.tree_map(jnp.add, b0, a0)
     rhs = jax.tree_util.tree_map(lambda r, u, v: r - (u + v) * length, residual, d_b, d_a)

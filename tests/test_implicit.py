@@ -340,6 +340,22 @@ def test_linear_solvers_match_numpy_with_ridge_and_preconditioner(name):
     np.testing.assert_allclose(info.residual_norm, np.linalg.norm((A + 0.5 * np.eye(30)) @ x - b), atol=1e-12)
 
 
+def test_cg_absolute_floor_stops_each_lane_at_its_own_residual():
+    """``atol`` ends CG once ``‖A x − b‖ ≤ max(tol ‖b‖, atol)``, per vmapped lane, and
+    ``converged`` uses the same test; 0 is the relative tolerance alone (numpy's solve)."""
+    A = _spd(60, 5) / 60 + np.diag(np.geomspace(1e-3, 1.0, 60))
+    B = np.random.default_rng(6).normal(size=(3, 60))
+    floors = np.array([0.0, 1e-3, 1e-1]) * np.linalg.norm(B, axis=1)
+    solve = jax.vmap(lambda b, f: linear_solve.cg(lambda v: A @ v, b, tol=1e-12, atol=f))
+    X, info = solve(jnp.asarray(B), jnp.asarray(floors))
+    residual = np.linalg.norm(X @ A.T - B, axis=1)
+    np.testing.assert_allclose(X[0], np.linalg.solve(A, B[0]), rtol=1e-8)
+    assert residual[0] <= 1e-11 * np.linalg.norm(B[0])
+    assert np.all(residual[1:] <= 1.01 * floors[1:]) and np.all(np.asarray(info.converged))
+    its = np.asarray(info.iterations)
+    assert its[0] > its[1] > its[2] > 0
+
+
 def test_minres_and_gmres_handle_symmetric_indefinite_where_cg_reports_breakdown():
     A = _spd(20, 2) - 30.0 * np.eye(20)
     assert np.linalg.eigvalsh(A).min() < 0 < np.linalg.eigvalsh(A).max()

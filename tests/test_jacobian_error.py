@@ -252,6 +252,22 @@ def test_first_order_estimate_bounds_logistic_errors_within_a_factor_10():
         assert je.error_estimate(F, w_hat, lam).estimate > est.estimate
 
 
+def test_rhs_variation_is_the_closed_form_and_first_order_error_takes_it():
+    # logistic F: ∂λF = w, so b = w_hat and ∂ₓb[δ̂] = δ̂ (exact for a linear b)
+    X, lam, F, hessian, curve = logistic()
+    w_hat = jnp.asarray(curve.x_star + 1e-2 * np.random.default_rng(8).normal(size=10))
+    delta, _ = je.newton_step(F, w_hat, lam, solve=CG, symmetric=True)
+    b, d_b = je.rhs_variation(F, w_hat, lam, delta, 1.0)
+    np.testing.assert_allclose(b, w_hat, rtol=1e-14)
+    np.testing.assert_allclose(d_b, delta / np.linalg.norm(delta), atol=1e-8)
+    dx = -np.linalg.solve(hessian(np.asarray(w_hat)), np.asarray(w_hat))
+    given = je.first_order_error(F, w_hat, lam, delta, jnp.asarray(dx), 1.0, solve=CG, symmetric=True,
+                                 rhs_terms=(b, d_b))
+    own = je.first_order_error(F, w_hat, lam, delta, jnp.asarray(dx), 1.0, solve=CG, symmetric=True)
+    np.testing.assert_allclose(given[0], own[0], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(given[2], own[2], rtol=1e-12)
+
+
 def test_first_order_gradient_error_of_a_reverse_mode_gradient():
     # o(λ) = O(w*(λ), λ), O = Σw³/3 + λΣw; closed form at any w with NumPy Hessians:
     # ∇o(w) = Σw − wᵀ H(w)⁻¹ (w² + λ)   (∂λF = w, ∂wO = w² + λ)

@@ -14,6 +14,8 @@ Every solver here has the same signature and the same contract::
 * ``ridge``: solve ``(A + ridge I) x = b`` instead, a Tikhonov regularization.
 * ``x0``: initial guess (default zeros).
 
+:func:`cg` also takes ``atol``: it then stops at ``‖A x − b‖ ≤ max(tol · ‖b‖, atol)``.
+
 ``info`` is a :class:`SolveInfo`: final true residual norm, ``‖b‖``, iteration count, a
 ``converged`` flag and a ``breakdown`` flag (e.g. CG met non-positive curvature: the
 matrix is singular or indefinite). The solvers never raise inside ``jit``: inspect
@@ -89,11 +91,11 @@ def _flatten_problem(matvec, b, precond, ridge, x0):
     return b_flat, unravel, flat_matvec, flat_precond, x0_flat
 
 
-def _finish(x, flat_matvec, b, tol, iterations, breakdown, unravel):
+def _finish(x, flat_matvec, b, tol, iterations, breakdown, unravel, atol=0.0):
     residual = jnp.linalg.norm(flat_matvec(x) - b)
     b_norm = jnp.linalg.norm(b)
     finite = jnp.all(jnp.isfinite(x))
-    converged = (residual <= tol * b_norm) & finite & ~breakdown
+    converged = (residual <= jnp.maximum(tol * b_norm, atol)) & finite & ~breakdown
     # b = 0 has the exact answer x = 0 whatever happened inside.
     converged = converged | ((b_norm == 0) & (residual == 0))
     info = SolveInfo(residual, b_norm, jnp.asarray(iterations), converged, jnp.asarray(breakdown))
@@ -114,15 +116,18 @@ def _tiny(dtype):
 
 
 def cg(matvec: Callable, b, *, tol: float = 1e-10, maxiter: Optional[int] = None,
-       precond: Optional[Callable] = None, ridge: float = 0.0, x0=None):
+       precond: Optional[Callable] = None, ridge: float = 0.0, x0=None, atol=0.0):
     """Preconditioned conjugate gradient for symmetric positive-definite ``A``.
 
-    Stops when the recurrence residual reaches ``tol · ‖b‖``, or at non-positive
-    curvature ``pᵀ A p <= 0`` (``info.breakdown``): the matrix is singular or indefinite
-    there. For a Hessian with zero modes, declare them with ``custom_root(nullspace=...)``;
-    for an indefinite matrix use :func:`minres`.
+    Stops when the recurrence residual reaches ``max(tol · ‖b‖, atol)``, or at
+    non-positive curvature ``pᵀ A p <= 0`` (``info.breakdown``): the matrix is singular or
+    indefinite there. ``atol`` (units of ``b``, may be traced) is the accuracy beyond
+    which ``b`` itself is not known, such as the part of ``b`` that an inexact root
+    leaves (docs/design.md §5); ``info.converged`` uses the same test. For a Hessian with
+    zero modes, declare them with ``custom_root(nullspace=...)``; for an indefinite
+    matrix use :func:`minres`.
     """
-    x, info, _ = _cg(matvec, b, tol, maxiter, precond, ridge, x0, record=0)
+    x, info, _ = _cg(matvec, b, tol, maxiter, precond, ridge, x0, record=0, atol=atol)
     return x, info
 
 
@@ -156,10 +161,10 @@ def cg_lanczos(matvec: Callable, b, *, steps: int, tol: float = 1e-10, maxiter: 
     return _cg(matvec, b, tol, maxiter, None, ridge, x0, record=int(steps))
 
 
-def _cg(matvec, b, tol, maxiter, precond, ridge, x0, *, record):
+def _cg(matvec, b, tol, maxiter, precond, ridge, x0, *, record, atol=0.0):
     b, unravel, A, M, x = _flatten_problem(matvec, b, precond, ridge, x0)
     maxiter = _default_maxiter(b.size, maxiter)
-    threshold = (tol * jnp.linalg.norm(b)) ** 2
+    threshold = jnp.maximum(tol * jnp.linalg.norm(b), atol) ** 2
 
     r = b - A(x)
     z = M(r)
@@ -188,7 +193,7 @@ def _cg(matvec, b, tol, maxiter, precond, ridge, x0, *, record):
         return x, r, z, p, rz_new, k + 1, broke, coefficients
 
     x, _, _, _, _, k, broke, coefficients = lax.while_loop(cond, body, state)
-    x, info = _finish(x, A, b, tol, k, broke, unravel)
+    x, info = _finish(x, A, b, tol, k, broke, unravel, atol)
     return x, info, _tridiagonal(coefficients, jnp.minimum(k, record)) if record else None
 
 

@@ -34,14 +34,15 @@ PROBE_STEPS = 1000
 PROBE_TOL_FACTOR = 1e-3
 
 
-def probed_solves(hessian: Callable, basis, rhs, z, tol: float):
+def probed_solves(hessian: Callable, basis, rhs, z, tol: float, floors=None):
     """The solves ``(H + w Q Qᵀ) x = P b`` of the right-hand sides ``rhs (P, N, d)`` (``Q``
     the orthonormal basis of ``basis (k, N, d)``, ``P`` the projector off it;
     :func:`mdsens.root_jvp` deflates with ``w = 1``), then one more CG: a random
     right-hand side ``z (N, d)`` (host-drawn, projected ⊥ ``Q``), whose run is Lanczos
     from a random vector, so its tridiagonal (:func:`mdsens.linear_solve.cg_lanczos`)
     gives ``λ_min`` and ``λ_max`` of ``H`` beyond the known modes. ``hessian``: ``v ↦ H v``
-    on ``(N, d)`` arrays; ``tol``: the solves' relative residual. Jittable.
+    on ``(N, d)`` arrays; ``tol``: the solves' relative residual; ``floors (P,)``: their
+    absolute residuals that suffice (``atol`` of :func:`mdsens.linear_solve.cg`). Jittable.
 
     Returns:
       ``(x (P, N, d) ⊥ Q, the solves' SolveInfo, (the probe's SolveInfo, its
@@ -62,7 +63,9 @@ def probed_solves(hessian: Callable, basis, rhs, z, tol: float):
     B = B - (B @ Q) @ Q.T
     # Two loops, not one vmapped batch: a batch runs every lane until the slowest is done,
     # and the probe's tighter tolerance keeps it going after the columns converge.
-    x, columns = jax.vmap(lambda b: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * z.size))(B)
+    floors = jnp.zeros(B.shape[0], B.dtype) if floors is None else floors
+    x, columns = jax.vmap(lambda b, floor: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * z.size, atol=floor))(
+        B, floors)
     steps = min(PROBE_STEPS, 10 * z.size)
     _, probe_info, tridiagonal = linear_solve.cg_lanczos(deflated, z, steps=steps, tol=tol * PROBE_TOL_FACTOR,
                                                          maxiter=steps)  # never past its record

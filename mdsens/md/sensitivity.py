@@ -189,7 +189,11 @@ class Sensitivity:
         at an exact minimum: envelope theorem).
       internal: strain only: the internal (non-affine) relaxation ``dU*/dε``,
         ``(P, N, d)``; ``None`` for params.
-      solve_residual: relative residual of each implicit linear solve, ``(P,)``.
+      solve_residual: relative residual of each implicit linear solve, ``(P,)``. The
+        default CG stops at ``tol``, or earlier once the residual is below a tenth of
+        what the relaxation's own error leaves of the right-hand side: then
+        ``error_estimate``, not this, says how accurate the column is (ε of a potential
+        with ``E ∝ ε`` stops near 0.1, its right-hand side being the force residual).
       solve_iterations: iterations of each solve, ``(P,)``.
       error_constant: Theorem-1 constant estimate ``C_j`` (see module doc), ``(P,)``.
       error_estimate: estimated ``‖dR_j(R) − dR_j(R*)‖``, first order (see module doc),
@@ -419,6 +423,14 @@ def _hessian_of_theta(prob, wrt):
 ESTIMATE_TOL = 1e-4
 
 
+#: A column's solve stops once its residual is below this fraction of
+#: ``‖∂ₓb[δ]‖``, the part of its right-hand side ``b`` that the relaxation's own error
+#: ``δ`` leaves undetermined: solving further cannot make the column more accurate
+#: (Theorem 1), and a right-hand side that is pure residual noise (ε of a potential with
+#: ``E ∝ ε``) would otherwise be chased for its relative tolerance. docs/design.md §5.
+SOLVE_FLOOR_FACTOR = 0.1
+
+
 def estimate_options(nullspace, operator) -> dict:
     """The solve options of every error-estimate solve: loose CG (:data:`ESTIMATE_TOL`)
     on the symmetric Hessian ``operator`` with the derivative's own ``nullspace``."""
@@ -443,7 +455,7 @@ def linearity(residuals, lam_max, positions) -> float:
     return float(jacobian_error.newton_linearity(before, after, lam_max * np.linalg.norm(R - R.mean(axis=0))))
 
 
-def _columns(F, R, theta, tangents, basis, solve, hessian=None, probing=None):
+def _columns(F, R, theta, tangents, basis, solve, hessian=None, probing=None, floored=False):
     """vmapped forward implicit derivatives and their error diagnostics (jit-able).
 
     F(R, theta) -> (N, d); tangents: (P, *theta.shape); hessian: ``v ↦ ∂₁F v`` at
@@ -454,7 +466,10 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probing=None):
     (its solve's own residual included) and the directional constants β, γ along ``δ``
     (:func:`mdsens.jacobian_error.first_order_error`). With ``probing = (z (N, d), tol)``
     the columns are solved by :func:`mdsens.md.probe.probed_solves`, and ``probed`` is the probe's
-    ``(SolveInfo, Lanczos tridiagonal)`` (else ``None``).
+    ``(SolveInfo, Lanczos tridiagonal)`` (else ``None``). ``floored``: ``solve`` takes
+    ``atol``, and each column's solve stops once its residual is below
+    :data:`SOLVE_FLOOR_FACTOR` times the part of its right-hand side that the inexact root
+    leaves undetermined (:func:`mdsens.jacobian_error.rhs_variation`).
     """
     basis = jnp.asarray(basis)
     nullspace = lambda x, th: basis  # noqa: E731  constant modes, (k, N, d)
@@ -462,23 +477,27 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probing=None):
     loose = estimate_options(nullspace, hessian)
     delta, residuals = newton(F, R, theta, basis, loose)
     g_norm = residuals[0]  # ‖P∇E(R)‖, which the Newton step's linearity test needs anyway
+    b, d_b = jax.vmap(lambda t: jacobian_error.rhs_variation(F, R, theta, delta, t))(tangents)
+    flat_norms = lambda v: jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=1)  # noqa: E731
+    floors = SOLVE_FLOOR_FACTOR * flat_norms(d_b) * jnp.linalg.norm(delta) if floored else None
 
     if probing is None:
-        def solved(t):
-            return root_jvp(F, R, (theta,), (t,), solve=solve, nullspace=nullspace,
+        def solved(t, floor):
+            column_solve = solve if floor is None else functools.partial(solve, atol=floor)
+            return root_jvp(F, R, (theta,), (t,), solve=column_solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
 
-        dR, info = jax.vmap(solved)(tangents)
+        dR, info = jax.vmap(solved)(tangents, floors)
         probed = None
     else:
-        rhs = jax.vmap(lambda t: -jax.jvp(lambda th: F(R, th), (theta,), (t,))[1])(tangents)
-        dR, info, probed = probed_solves(hessian, basis, rhs, *probing)
+        dR, info, probed = probed_solves(hessian, basis, -b, *probing, floors=floors)
 
-    def estimated(dR, t):
-        e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, **loose)
+    def estimated(dR, t, b, d_b):
+        e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, rhs_terms=(b, d_b),
+                                                                  **loose)
         return beta, gamma, jnp.linalg.norm(e)
 
-    beta, gamma, e_norm = jax.vmap(estimated)(dR, tangents)
+    beta, gamma, e_norm = jax.vmap(estimated)(dR, tangents, b, d_b)
     return dR, info, beta, gamma, g, g_norm, e_norm, jnp.linalg.norm(delta), residuals, probed
 
 
@@ -545,11 +564,13 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             F = jax.grad(E_theta)
             H = _hessian_of_theta(prob, self.wrt)
             solve, tol = self.solve, self.probe_tol
+            floored = tol is not None  # the default CG, which takes atol
 
             def run(R, theta, tangents, basis, cell, nb, params, blocks, probe_vector=None):
                 Fc = lambda x, th: F(x, th, cell, nb, params)  # noqa: E731
                 probing = None if probe_vector is None else (probe_vector, tol)
-                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks), probing)
+                cols = _columns(Fc, R, theta, tangents, basis, solve, H(R, theta, cell, nb, params, blocks), probing,
+                                floored)
                 partial = jax.grad(E_theta, argnums=1)(R, theta, cell, nb, params)
                 return cols, partial
 
