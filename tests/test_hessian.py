@@ -19,7 +19,7 @@ from ase.build import bulk
 import mdsens as ms
 from mdsens.md import neighbors
 from mdsens.md.hessian import hessian_products
-from mdsens.md.potentials import LennardJones, Morse, SoftSphere, StillingerWeber, Tersoff
+from mdsens.md.potentials import LennardJones, Morse, SoftSphere, StillingerWeber, Tersoff, base
 from conftest import data_file
 
 
@@ -111,6 +111,58 @@ def test_tight_list_from_all_pairs_pads_small_systems():
     tight = neighbors.interacting_neighbors(system, 2.0)
     assert tight.idx.shape == (3, 4)
     assert sorted(np.asarray(tight.idx)[0][:2].tolist()) == [1, 2]
+
+
+def _brute_mirror(idx):
+    n, m = idx.shape
+    mirror = {}
+    for i in range(n):
+        for k in range(m):
+            j = idx[i, k]
+            if j < n:
+                back = [k2 for k2 in range(m) if idx[j, k2] == i]
+                mirror[i * m + k] = j * m + back[0] if len(back) == 1 else None
+    return mirror
+
+
+def test_mirror_slots_match_a_brute_force_search_and_flag_asymmetric_lists():
+    pot, system = CASES["stillinger-weber"]
+    idx = np.asarray(neighbors.interacting_neighbors(system, pot.cutoff(), pot.neighbor_list(system)).idx)
+    mirror, symmetric = base.mirror_slots(jnp.asarray(idx))
+    expected = _brute_mirror(idx)
+    assert bool(symmetric) and None not in expected.values()
+    assert all(int(mirror[k]) == v for k, v in expected.items())
+    one_way = idx.copy()
+    i, k = 5, 0
+    one_way[i, k] = system.n_atoms  # row i forgets j; row j still holds i
+    assert not bool(base.mirror_slots(jnp.asarray(one_way))[1])
+    twice = idx.copy()
+    twice[i, -1] = twice[i, 0]  # the same neighbor twice in one row
+    assert not bool(base.mirror_slots(jnp.asarray(twice))[1])
+
+
+def test_block_products_on_a_one_way_list_fall_back_to_the_scatter():
+    # A list that holds one pair in one direction only, beyond the cutoff (so the energy
+    # is unchanged): the mirror reading would lose nothing there, but the products must
+    # not rely on that; they take the scatter and equal autodiff on the full list.
+    pot, system = CASES["lennard-jones fcc"]
+    R, cell, p = system.positions, system.cell, pot.params
+    full = neighbors.indices_only(pot.neighbor_list(system))
+    idx = np.asarray(full.idx).copy()
+    n = system.n_atoms
+    frac = np.asarray(R) @ np.linalg.inv(np.asarray(cell))
+    d = frac[0] - frac[np.minimum(idx[0], n - 1)]
+    r = np.linalg.norm((d - np.round(d)) @ np.asarray(cell), axis=1)
+    beyond = np.flatnonzero((idx[0] < n) & (r > pot.cutoff()))
+    assert beyond.size > 0
+    idx[0, beyond[0]] = n
+    one_way = neighbors.NeighborIndices(jnp.asarray(idx))
+    assert not bool(base.mirror_slots(one_way.idx)[1])
+    E = pot.energy_fn(system, neighbor_list=True)
+    V = jax.random.normal(jax.random.PRNGKey(4), (2,) + R.shape, jnp.float64)
+    hv_ref = np.asarray(_energy_gradient_hvp(E)(R, V, p, cell, full)[2])
+    hv = np.asarray(jax.jit(lambda V: jax.vmap(hessian_products(E, R, p, cell, one_way))(V))(V))
+    assert np.abs(hv - hv_ref).max() <= 1e-10 * np.abs(hv_ref).max()
 
 
 # --------------------------------------------------------------------- core: operator=
