@@ -939,10 +939,9 @@ def rhs_variation(F: Callable, x_hat, theta, delta, theta_tangent, *, step: floa
     to :func:`first_order_error` as ``rhs_terms`` so that it does not compute them again.
     Jittable.
     """
-    zero_x = jax.tree_util.tree_map(jnp.zeros_like, x_hat)
     unit, _ = _unit(delta)
     shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
-    b0, b1 = _stacked_jvps(F, theta, (x_hat, shifted), (zero_x, zero_x), (theta_tangent, theta_tangent))
+    b0, b1 = _at_both(lambda x: jax.jvp(lambda th: F(x, th), (theta,), (theta_tangent,))[1], x_hat, shifted)
     return b0, jax.tree_util.tree_map(lambda p, q: (q - p) / step, b0, b1)
 
 
@@ -952,12 +951,12 @@ def _unit(delta):
     return unravel(d_flat / jnp.where(length > 0, length, 1.0)), length
 
 
-def _stacked_jvps(F, theta, points, x_tangents, theta_tangents):
-    """``∂F(x_k, θ)·(ẋ_k, θ̇_k)`` for each k: one copy of the jvp program, vmapped."""
-    stack = lambda trees: jax.tree_util.tree_map(lambda *v: jnp.stack(v), *trees)  # noqa: E731
-    products = jax.vmap(lambda x, tx, tt: jax.jvp(F, (x, theta), (tx, tt))[1])(
-        stack(points), stack(x_tangents), stack(theta_tangents))
-    return tuple(jax.tree_util.tree_map(lambda v, i=i: v[i], products) for i in range(len(points)))
+def _at_both(f, x, shifted):
+    """``f(x)``, ``f(shifted)``: one copy of ``f``'s program, vmapped over the two points.
+    Each tangent in one argument only, so that no mixed term is traced."""
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), x, shifted)
+    out = jax.vmap(f)(stacked)
+    return tuple(jax.tree_util.tree_map(lambda v, i=i: v[i], out) for i in range(2))
 
 
 def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent, *, solve: Callable,
@@ -973,8 +972,9 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
     the derivative of ``J`` along ``δ``: Theorem 1's two terms, with the directional
     derivatives of ``A`` and ``B`` along the actual error in place of Lipschitz constants
     over a ball. They are one-sided differences over :data:`FIRST_ORDER_STEP` (``step``)
-    along ``δ/‖δ‖``, four tangents of one vmapped ``jax.jvp`` of ``F`` (two when
-    ``rhs_terms``, :func:`rhs_variation`'s output for this column, are given). Jittable.
+    along ``δ/‖δ‖``: two ``jax.jvp`` of ``F`` in ``x`` and two in ``θ`` (the latter
+    skipped when ``rhs_terms``, :func:`rhs_variation`'s output for this column, are
+    given). Jittable.
 
     Returns:
       ``(e, residual, (β, γ_J), SolveInfo)``: ``e`` shaped like ``x_hat`` (x per unit
@@ -986,12 +986,11 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
       :func:`theorem1_constant_local`).
     """
     unit, length = _unit(delta)
-    zero_t = jax.tree_util.tree_map(jnp.zeros_like, theta_tangent)
     shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
     if rhs_terms is None:
         rhs_terms = rhs_variation(F, x_hat, theta, delta, theta_tangent, step=step)
     b0, d_b = rhs_terms
-    a0, a1 = _stacked_jvps(F, theta, (x_hat, shifted), (x_tangent, x_tangent), (zero_t, zero_t))
+    a0, a1 = _at_both(lambda x: jax.jvp(lambda y: F(y, theta), (x,), (x_tangent,))[1], x_hat, shifted)
     norm = lambda tree: jnp.linalg.norm(ravel_pytree(tree)[0])  # noqa: E731
     d_a = jax.tree_util.tree_map(lambda p, q: (q - p) / step, a0, a1)
     residual = jax.tree_util.tree_map(jnp.add, b0, a0)

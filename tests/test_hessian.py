@@ -19,7 +19,7 @@ from ase.build import bulk
 import mdsens as ms
 from mdsens.md import neighbors
 from mdsens.md.hessian import hessian_products
-from mdsens.md.potentials import LennardJones, Morse, SoftSphere, StillingerWeber, Tersoff, base
+from mdsens.md.potentials import LennardJones, Morse, SoftSphere, StillingerWeber, Tersoff
 from conftest import data_file
 
 
@@ -84,8 +84,8 @@ def test_tight_list_and_block_hessian_match_autodiff_on_the_full_list(name):
     assert np.abs(g - g_ref).max() <= 1e-11 * np.abs(g_ref).max()
     assert np.abs(hv - hv_ref).max() <= 1e-10 * np.abs(hv_ref).max()
     assert tight.idx.shape[1] <= full.idx.shape[1]
-    # the blocks were used (not the autodiff fallback)
-    assert E.hessian_products(R, p, cell, tight) is not None
+    # the blocks were used (not the autodiff fallback), read through the mirror slots
+    assert E.hessian_products(R, p, cell, tight) is not None and tight.mirror is not None
 
 
 def test_tight_list_keeps_only_interacting_pairs():
@@ -127,24 +127,25 @@ def _brute_mirror(idx):
 
 def test_mirror_slots_match_a_brute_force_search_and_flag_asymmetric_lists():
     pot, system = CASES["stillinger-weber"]
-    idx = np.asarray(neighbors.interacting_neighbors(system, pot.cutoff(), pot.neighbor_list(system)).idx)
-    mirror, symmetric = base.mirror_slots(jnp.asarray(idx))
+    tight = neighbors.interacting_neighbors(system, pot.cutoff(), pot.neighbor_list(system))
+    idx = np.asarray(tight.idx)
     expected = _brute_mirror(idx)
-    assert bool(symmetric) and None not in expected.values()
+    assert None not in expected.values()
+    mirror = np.asarray(tight.mirror)  # the tight list carries its mirror slots
     assert all(int(mirror[k]) == v for k, v in expected.items())
     one_way = idx.copy()
-    i, k = 5, 0
-    one_way[i, k] = system.n_atoms  # row i forgets j; row j still holds i
-    assert not bool(base.mirror_slots(jnp.asarray(one_way))[1])
+    i = 5
+    one_way[i, 0] = system.n_atoms  # row i forgets j; row j still holds i
+    assert neighbors.mirror_slots(one_way) is None
     twice = idx.copy()
     twice[i, -1] = twice[i, 0]  # the same neighbor twice in one row
-    assert not bool(base.mirror_slots(jnp.asarray(twice))[1])
+    assert neighbors.mirror_slots(twice) is None
 
 
-def test_block_products_on_a_one_way_list_fall_back_to_the_scatter():
+def test_block_products_without_mirror_slots_take_the_scatter():
     # A list that holds one pair in one direction only, beyond the cutoff (so the energy
-    # is unchanged): the mirror reading would lose nothing there, but the products must
-    # not rely on that; they take the scatter and equal autodiff on the full list.
+    # is unchanged), has no mirror slots: the products scatter, and equal autodiff on
+    # the full list.
     pot, system = CASES["lennard-jones fcc"]
     R, cell, p = system.positions, system.cell, pot.params
     full = neighbors.indices_only(pot.neighbor_list(system))
@@ -156,8 +157,8 @@ def test_block_products_on_a_one_way_list_fall_back_to_the_scatter():
     beyond = np.flatnonzero((idx[0] < n) & (r > pot.cutoff()))
     assert beyond.size > 0
     idx[0, beyond[0]] = n
+    assert neighbors.mirror_slots(idx) is None
     one_way = neighbors.NeighborIndices(jnp.asarray(idx))
-    assert not bool(base.mirror_slots(one_way.idx)[1])
     E = pot.energy_fn(system, neighbor_list=True)
     V = jax.random.normal(jax.random.PRNGKey(4), (2,) + R.shape, jnp.float64)
     hv_ref = np.asarray(_energy_gradient_hvp(E)(R, V, p, cell, full)[2])

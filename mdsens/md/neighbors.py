@@ -232,9 +232,38 @@ def needs_reallocation(neighbor):
 
 
 class NeighborIndices(NamedTuple):
-    """Just the ``idx (N, M)`` of a neighbor list: all a potential's energy reads from it."""
+    """Just the ``idx (N, M)`` of a neighbor list: all a potential's energy reads from it.
+
+    ``mirror``: for a list known to hold each pair once in both rows, the flat index
+    ``j M + m'`` of the slot of row ``j`` that holds ``i``, for each slot ``(i, m)``
+    holding ``j`` (:func:`mirror_slots`), ``(N M,)``; ``None`` otherwise. Block Hessian
+    products read a pair's other half there instead of scattering it.
+    """
 
     idx: jax.Array
+    mirror: Optional[jax.Array] = None
+
+
+def mirror_slots(idx) -> Optional[np.ndarray]:
+    """Host: the ``mirror`` of :class:`NeighborIndices` for ``idx (N, M)`` (padding
+    ``N``), or ``None`` when some pair is in one row only or a neighbor repeats in a row.
+    Padded slots point at themselves."""
+    idx = np.asarray(idx)
+    n, m = idx.shape
+    rows = np.repeat(np.arange(n, dtype=np.int64), m)
+    cols = idx.ravel().astype(np.int64)
+    valid = cols < n
+    key = np.where(valid, rows * n + cols, -1)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    real = ordered[ordered >= 0]
+    if real.size and np.any(real[1:] == real[:-1]):
+        return None
+    wanted = cols * n + rows
+    at = np.minimum(np.searchsorted(ordered, wanted), n * m - 1)
+    if not np.all(ordered[at][valid] == wanted[valid]):
+        return None
+    return np.where(valid, order[at], np.arange(n * m)).astype(np.int32)
 
 
 def _overflow_flag(neighbor):
@@ -781,7 +810,8 @@ def interacting_neighbors(system: System, cutoff: float, neighbor=None) -> Neigh
 
     Returns:
       :class:`NeighborIndices` ``idx (N, K)``, padding ``N``, ``K`` a multiple of
-      :data:`INTERACTING_CAPACITY_STEP`. Pairs appear in both directions, as in a full list.
+      :data:`INTERACTING_CAPACITY_STEP`. Pairs appear in both directions, as in a full
+      list, and ``mirror`` says where (:func:`mirror_slots`).
     """
     R = np.asarray(system.positions, np.float64)
     n = R.shape[0]
@@ -795,7 +825,9 @@ def interacting_neighbors(system: System, cutoff: float, neighbor=None) -> Neigh
         candidates = np.broadcast_to(np.arange(n), (n, n))
     near = _host_pairs_within(coords, None if cell is None else cell.T, candidates, INTERACTING_MARGIN * float(cutoff))
     K = _capacity(max(int(near.sum(axis=1).max(initial=0)), 1))
-    return NeighborIndices(jnp.asarray(_compacted(near, candidates, K)))
+    idx = _compacted(near, candidates, K)
+    mirror = mirror_slots(idx)
+    return NeighborIndices(jnp.asarray(idx), None if mirror is None else jnp.asarray(mirror))
 
 
 def _capacity(count: int) -> int:

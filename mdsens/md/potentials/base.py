@@ -55,7 +55,6 @@ __all__ = [
     "local_hessian_blocks",
     "local_hessian_apply",
     "local_hessian_products",
-    "mirror_slots",
 ]
 
 
@@ -360,7 +359,8 @@ class Potential:
         def hessian_apply(blocks, positions, params, cell=None, neighbor=None):
             """``v ↦ H v`` from blocks built at the same arguments."""
             return local_hessian_apply(lambda R: pair_vectors(R, cell, neighbor)[0], positions, blocks,
-                                       pairwise=pairwise, idx=neighbors.pair_idx(neighbor))
+                                       pairwise=pairwise, idx=neighbors.pair_idx(neighbor),
+                                       mirror=getattr(neighbor, "mirror", None))
 
         def hessian_products(positions, params, cell=None, neighbor=None):
             """``V (..., N, d) -> H V``, or ``None`` where blocks do not pay."""
@@ -503,64 +503,39 @@ def local_hessian_blocks(pair_vectors_of: Callable, positions, local_energy: Cal
     return from_pairs(grad_L(d0))[0], blocks
 
 
-def local_hessian_apply(pair_vectors_of: Callable, positions, blocks, *, pairwise: bool, idx=None) -> Callable:
+def local_hessian_apply(pair_vectors_of: Callable, positions, blocks, *, pairwise: bool, idx=None,
+                        mirror=None) -> Callable:
     """``v ↦ ∇²E v`` from the blocks of :func:`local_hessian_blocks` (same ``positions``).
 
-    ``idx (N, M)``: the neighbor indices ``dR`` was built from (padding ``N``). With
-    them, and a list that holds every pair in both directions (a full list), the
-    product reads each pair's other half where the mirror slot keeps it (two gathers,
-    :func:`mirror_slots`) instead of scattering it there, which XLA's CPU backend runs
-    several times slower; a list without that symmetry takes the scatter.
+    ``idx (N, M)`` and ``mirror (N M,)``: the neighbor indices ``dR`` was built from and
+    their mirror slots (:func:`mdsens.md.neighbors.mirror_slots`). With them the product
+    reads each pair's other half from its mirror slot (two gathers) instead of
+    scattering it there, which XLA's CPU backend runs several times slower; without,
+    the scatter (``jax.linear_transpose`` of ``dR(R)``).
     """
-    _, to_pairs = jax.linearize(pair_vectors_of, positions)
-    from_pairs = jax.linear_transpose(to_pairs, positions)
-
     def local(w):
         if pairwise:
             return jnp.einsum("nmab,nmb->nma", blocks, w)
         n = w.shape[0]
         return jnp.einsum("nab,nb->na", blocks, w.reshape(n, -1)).reshape(w.shape)
 
-    def scattered(v):
-        return from_pairs(local(to_pairs(v)))[0]
+    if mirror is None:
+        _, to_pairs = jax.linearize(pair_vectors_of, positions)
+        from_pairs = jax.linear_transpose(to_pairs, positions)
+        return lambda v: from_pairs(local(to_pairs(v)))[0]
 
-    if idx is None:
-        return scattered
     n, m = idx.shape
     valid = (idx < n)[..., None]
     safe = jnp.minimum(idx, n - 1)
-    mirror, symmetric = mirror_slots(idx)
 
     def gathered(v):
         # dR[i, m] = ±(R_i − R_j) (Cartesian; minimum image), so the tangent is
         # v_i − v_j whichever the sign, and (∇²E v)_i = Σ_m h[i, m] − h[mirror(i, m)]
         w = jnp.where(valid, v[:, None, :] - jnp.take(v, safe, axis=0), 0.0)
-        h = jnp.where(valid, local(w.astype(v.dtype)), 0.0).reshape(n * m, -1)
-        other = jnp.take(h, mirror, axis=0)
-        return (h - other).reshape(n, m, -1).sum(axis=1)
+        h = jnp.where(valid, local(w), 0.0).reshape(n * m, -1)
+        return (h - jnp.take(h, mirror, axis=0)).reshape(n, m, -1).sum(axis=1)
 
-    return lambda v: jax.lax.cond(symmetric, gathered, scattered, v)
-
-
-def mirror_slots(idx):
-    """``(mirror (N M,), symmetric)``: for the slot ``(i, m)`` of ``idx (N, M)`` that
-    holds ``j < N``, the flat index ``j M + m'`` of the slot of row ``j`` that holds
-    ``i``; ``symmetric`` is whether every such slot exists (a full list with each pair
-    at most once per row). Padded slots point anywhere. Jittable; one sort."""
-    n, m = idx.shape
-    idx = idx.astype(jnp.int64)
-    rows = jnp.repeat(jnp.arange(n, dtype=jnp.int64), m)
-    cols = idx.ravel()
-    valid = cols < n
-    # each slot's key (i, j); padding gets keys past every real one, distinct
-    key = jnp.where(valid, rows * n + cols, n * n + jnp.arange(n * m, dtype=jnp.int64))
-    order = jnp.argsort(key)
-    ordered = key[order]
-    wanted = cols * n + rows
-    at = jnp.minimum(jnp.searchsorted(ordered, wanted), n * m - 1)
-    found = ordered[at] == wanted
-    unique = jnp.all(ordered[1:] != ordered[:-1])
-    return order[at], jnp.all(found | ~valid) & unique
+    return gathered
 
 
 def local_hessian_products(pair_vectors_of: Callable, positions, local_energy: Callable, aux, *,
