@@ -115,7 +115,7 @@ def test_lj_cluster_scale_invariance(lj13):
     # envelope theorem: the total derivative equals the partial one at R*
     np.testing.assert_allclose(S.denergy, S.denergy_partial, rtol=1e-8, atol=1e-8)
     # ε's right-hand side is −F/ε, the relaxation's residual: its solve stops at the
-    # floor the residual sets (a relative residual ~0.1), σ's at tol.
+    # floor the residual sets (a relative residual ~0.01), σ's at tol.
     assert S.solve_residual[S.names.index("sigma")] < 1e-9
     assert S.solve_iterations[S.names.index("epsilon")] < 10
     assert np.all(S.error_estimate < 1e-10)
@@ -163,7 +163,7 @@ def ar_loose_and_tight():
 
 
 def test_column_solves_stop_at_the_accuracy_the_relaxation_leaves(ar_loose_and_tight):
-    """The default CG stops each column once its residual is below a tenth of what the
+    """The default CG stops each column once its residual is below 1 % of what the
     relaxation's error leaves of its right-hand side. The columns then stay within their
     error estimates of the dense pseudo-inverse at the same structure and of the one at
     the tight minimum, and ε (whose right-hand side −F/ε is that residual) stops within
@@ -173,7 +173,7 @@ def test_column_solves_stop_at_the_accuracy_the_relaxation_leaves(ar_loose_and_t
     S = sensitivity(loose, pot, wrt=wrt)
     assert S.stability_check == "probe" and S.names == wrt
     chased = sensitivity(loose, pot, wrt=wrt, solve=functools.partial(ms.linear_solve.cg, tol=1e-10))
-    assert S.solve_iterations[0] <= 10 < chased.solve_iterations[0]
+    assert 3 * S.solve_iterations[0] < chased.solve_iterations[0]
     params = jax.tree_util.tree_map(jnp.asarray, pot.params)
     for j, name in enumerate(wrt):
         t = zeros_like_params(pot.params)
@@ -181,7 +181,7 @@ def test_column_solves_stop_at_the_accuracy_the_relaxation_leaves(ar_loose_and_t
         t = jax.tree_util.tree_map(jnp.asarray, t)
         here = dense_pinv_derivative(pot, loose.system, params, t)
         at_minimum = dense_pinv_derivative(pot, tight.system, params, t)
-        assert np.linalg.norm(S.dpositions[j] - here) <= 0.5 * S.error_estimate[j], name
+        assert np.linalg.norm(S.dpositions[j] - here) <= 0.05 * S.error_estimate[j], name
         assert np.linalg.norm(S.dpositions[j] - at_minimum) <= S.error_estimate[j], name
     assert np.linalg.norm(S.dpositions[0]) <= S.error_estimate[0]  # R* does not depend on ε
 

@@ -190,10 +190,10 @@ class Sensitivity:
       internal: strain only: the internal (non-affine) relaxation ``dU*/dε``,
         ``(P, N, d)``; ``None`` for params.
       solve_residual: relative residual of each implicit linear solve, ``(P,)``. The
-        default CG stops at ``tol``, or earlier once the residual is below a tenth of
+        default CG stops at ``tol``, or earlier once the residual is below 1 % of
         what the relaxation's own error leaves of the right-hand side: then
         ``error_estimate``, not this, says how accurate the column is (ε of a potential
-        with ``E ∝ ε`` stops near 0.1, its right-hand side being the force residual).
+        with ``E ∝ ε`` stops near 0.01, its right-hand side being the force residual).
       solve_iterations: iterations of each solve, ``(P,)``.
       error_constant: Theorem-1 constant estimate ``C_j`` (see module doc), ``(P,)``.
       error_estimate: estimated ``‖dR_j(R) − dR_j(R*)‖``, first order (see module doc),
@@ -427,8 +427,8 @@ ESTIMATE_TOL = 1e-4
 #: ``‖∂ₓb[δ]‖``, the part of its right-hand side ``b`` that the relaxation's own error
 #: ``δ`` leaves undetermined: solving further cannot make the column more accurate
 #: (Theorem 1), and a right-hand side that is pure residual noise (ε of a potential with
-#: ``E ∝ ε``) would otherwise be chased for its relative tolerance. docs/design.md §5.
-SOLVE_FLOOR_FACTOR = 0.1
+#: ``E ∝ ε``) would otherwise be chased for its relative tolerance. docs/design.md §13.
+SOLVE_FLOOR_FACTOR = 0.01
 
 
 def estimate_options(nullspace, operator) -> dict:
