@@ -123,7 +123,7 @@ def cg(matvec: Callable, b, *, tol: float = 1e-10, maxiter: Optional[int] = None
     non-positive curvature ``pᵀ A p <= 0`` (``info.breakdown``): the matrix is singular or
     indefinite there. ``atol`` (units of ``b``, may be traced) is the accuracy beyond
     which ``b`` itself is not known, such as the part of ``b`` that an inexact root
-    leaves (docs/design.md §5); ``info.converged`` uses the same test. For a Hessian with
+    leaves (docs/design.md §13); ``info.converged`` uses the same test. For a Hessian with
     zero modes, declare them with ``custom_root(nullspace=...)``; for an indefinite
     matrix use :func:`minres`.
     """
