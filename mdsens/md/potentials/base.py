@@ -532,6 +532,8 @@ def local_hessian_apply(pair_vectors_of: Callable, positions, blocks, *, pairwis
         # dR[i, m] = ±(R_i − R_j) (Cartesian; minimum image), so the tangent is
         # v_i − v_j whichever the sign, and (∇²E v)_i = Σ_m h[i, m] − h[mirror(i, m)]
         w = jnp.where(valid, v[:, None, :] - jnp.take(v, safe, axis=0), 0.0)
+        # a many-body row block maps the real slots' tangents into its padded slots too;
+        # only the energy's masking would zero those, so mask them here
         h = jnp.where(valid, local(w), 0.0).reshape(n * m, -1)
         return (h - jnp.take(h, mirror, axis=0)).reshape(n, m, -1).sum(axis=1)
 
