@@ -166,6 +166,35 @@ def test_block_products_without_mirror_slots_take_the_scatter():
     assert np.abs(hv - hv_ref).max() <= 1e-10 * np.abs(hv_ref).max()
 
 
+@pytest.mark.parametrize("name", ["stillinger-weber", pytest.param("lennard-jones fcc", marks=pytest.mark.slow)])
+def test_block_products_batched_every_way_equal_autodiff(name):
+    # The product's batching rule moves a batch of columns last; nested batches, a batch
+    # of structures (the blocks batched too, as in ms.relax_batch) and a jvp take other
+    # routes. Each equals forward-over-reverse autodiff on the full list.
+    pot, system = CASES[name]
+    R, cell, p = system.positions, system.cell, pot.params
+    full = neighbors.indices_only(pot.neighbor_list(system))
+    tight = neighbors.interacting_neighbors(system, pot.cutoff(), full)
+    E = pot.energy_fn(system, neighbor_list=True)
+    V = jax.random.normal(jax.random.PRNGKey(5), (2, 3) + R.shape, jnp.float64)
+    shift = 1e-3 * jax.random.normal(jax.random.PRNGKey(6), R.shape, jnp.float64)
+    Rs = jnp.stack([R, R + shift])  # both within the tight list's margin
+    run = _energy_gradient_hvp(E)
+    ref = np.stack([np.asarray(run(r, V[k], p, cell, full)[2]) for k, r in enumerate(Rs)])
+    scale = np.abs(ref).max()
+
+    single = jax.jit(lambda v: hessian_products(E, R, p, cell, tight)(v))(V[0, 0])
+    nested = jax.jit(lambda V: jax.vmap(jax.vmap(hessian_products(E, R, p, cell, tight)))(V))(
+        jnp.stack([V[0], V[0]]))
+    structures = jax.jit(jax.vmap(lambda r, v: jax.vmap(hessian_products(E, r, p, cell, tight))(v)))(Rs, V)
+    _, tangent = jax.jit(lambda v, t: jax.jvp(hessian_products(E, R, p, cell, tight), (v,), (t,)))(V[0, 0], V[0, 1])
+    assert np.abs(np.asarray(single) - ref[0, 0]).max() <= 1e-10 * scale
+    assert np.abs(np.asarray(nested) - ref[0][None]).max() <= 1e-10 * scale
+    assert np.abs(np.asarray(structures) - ref).max() <= 1e-10 * scale
+    assert np.abs(np.asarray(tangent) - ref[0, 1]).max() <= 1e-10 * scale
+    assert tight.mirror is not None
+
+
 # --------------------------------------------------------------------- core: operator=
 rng = np.random.default_rng(0)
 X = rng.normal(size=(30, 6))

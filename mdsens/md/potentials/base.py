@@ -511,33 +511,61 @@ def local_hessian_apply(pair_vectors_of: Callable, positions, blocks, *, pairwis
     their mirror slots (:func:`mdsens.md.neighbors.mirror_slots`). With them the product
     reads each pair's other half from its mirror slot (two gathers) instead of
     scattering it there, which XLA's CPU backend runs several times slower; without,
-    the scatter (``jax.linear_transpose`` of ``dR(R)``).
+    the scatter (``jax.linear_transpose`` of ``dR(R)``). The gathered product is linear
+    in ``v`` and supports ``jax.vmap`` and ``jax.jvp``, not ``jax.vjp`` (``∇²E`` is
+    symmetric: apply it to the cotangent instead).
     """
-    def local(w):
-        if pairwise:
-            return jnp.einsum("nmab,nmb->nma", blocks, w)
-        n = w.shape[0]
-        return jnp.einsum("nab,nb->na", blocks, w.reshape(n, -1)).reshape(w.shape)
-
     if mirror is None:
+        def local(w):
+            if pairwise:
+                return jnp.einsum("nmab,nmb->nma", blocks, w)
+            n = w.shape[0]
+            return jnp.einsum("nab,nb->na", blocks, w.reshape(n, -1)).reshape(w.shape)
+
         _, to_pairs = jax.linearize(pair_vectors_of, positions)
         from_pairs = jax.linear_transpose(to_pairs, positions)
         return lambda v: from_pairs(local(to_pairs(v)))[0]
+    return functools.partial(_mirrored_product, blocks, idx, mirror)
 
+
+def _mirrored_columns(blocks, idx, mirror, V):
+    """``∇²E V`` for ``V (N, d, B)``: the columns last, so that each gathered row is one
+    contiguous ``d B`` run, which is what makes a batch of products cheaper than its
+    columns one by one (0.44 against 0.72 ms for three columns vmapped at N = 499 LJ)."""
     n, m = idx.shape
-    valid = (idx < n)[..., None]
-    safe = jnp.minimum(idx, n - 1)
+    valid = (idx < n)[:, :, None, None]
+    # dR[i, m] = ±(R_i − R_j) (Cartesian; minimum image), so the tangent is
+    # v_i − v_j whichever the sign, and (∇²E v)_i = Σ_m h[i, m] − h[mirror(i, m)]
+    w = jnp.where(valid, V[:, None] - jnp.take(V, jnp.minimum(idx, n - 1), axis=0), 0.0)
+    if blocks.ndim == 4:
+        # a broadcast product and a sum, not einsum: XLA fuses it with the gather
+        # around it, where einsum's dot lowering materializes (0.14 against 0.26 ms per
+        # product at N = 499 LJ, 56 slots)
+        h = (blocks[..., None] * w[:, :, None]).sum(3)
+    else:
+        h = jnp.einsum("nab,nbc->nac", blocks, w.reshape(n, -1, w.shape[-1])).reshape(w.shape)
+    # a many-body row block maps the real slots' tangents into its padded slots too;
+    # only the energy's masking would zero those, so mask them here
+    h = jnp.where(valid, h, 0.0).reshape(n * m, *w.shape[2:])
+    return (h - jnp.take(h, mirror, axis=0)).reshape(w.shape).sum(axis=1)
 
-    def gathered(v):
-        # dR[i, m] = ±(R_i − R_j) (Cartesian; minimum image), so the tangent is
-        # v_i − v_j whichever the sign, and (∇²E v)_i = Σ_m h[i, m] − h[mirror(i, m)]
-        w = jnp.where(valid, v[:, None, :] - jnp.take(v, safe, axis=0), 0.0)
-        # a many-body row block maps the real slots' tangents into its padded slots too;
-        # only the energy's masking would zero those, so mask them here
-        h = jnp.where(valid, local(w), 0.0).reshape(n * m, -1)
-        return (h - jnp.take(h, mirror, axis=0)).reshape(n, m, -1).sum(axis=1)
 
-    return gathered
+def _mirrored_single(blocks, idx, mirror, v):
+    return _mirrored_columns(blocks, idx, mirror, v[..., None])[..., 0]
+
+
+@jax.custom_batching.custom_vmap
+def _mirrored_product(blocks, idx, mirror, v):
+    return _mirrored_single(blocks, idx, mirror, v)
+
+
+@_mirrored_product.def_vmap
+def _mirrored_product_batched(axis_size, in_batched, blocks, idx, mirror, v):
+    if any(in_batched[:3]) or not in_batched[3]:
+        # another structure per lane (relax_batch): plain vmap
+        axes = tuple(0 if b else None for b in in_batched)
+        return jax.vmap(_mirrored_single, axes)(blocks, idx, mirror, v), True
+    return jnp.moveaxis(_mirrored_columns(blocks, idx, mirror, jnp.moveaxis(v, 0, -1)), -1, 0), True
 
 
 def local_hessian_products(pair_vectors_of: Callable, positions, local_energy: Callable, aux, *,
