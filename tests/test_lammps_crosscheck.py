@@ -355,3 +355,30 @@ def test_relaxed_structure(name, built, table, tmp_path):
              "relaxed positions": f"max |ΔR_i| = {shift:.1e} Å over max |R*_i − R0_i| = {moved:.2f} Å"}
     ok = [record(name, q, d, tol[q.replace(" ", "_")], notes[q]) for q, d in diffs.items()]
     assert all(ok), {q: (d, tol[q.replace(" ", "_")]) for q, d in diffs.items()}
+
+
+def test_speed_benchmark_times_lammps_clean_and_agrees_with_its_finite_differences(tmp_path):
+    """``benchmarks/lammps.py`` end to end at its smallest sizes, in a process of its own:
+    every LAMMPS measurement runs before any mdsens call (LAMMPS slows down several-fold
+    once JAX has run in a process), and mdsens's dR*/dθ and dE*/dθ agree with LAMMPS's
+    central differences, the table's independent truth."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "lammps.json"
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "lammps.py"), "--sizes", "2",
+                          "--lj-sizes", "3", "--repeats", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    lammps_lines = [k for k, line in enumerate(lines) if ": LAMMPS ..." in line]
+    mdsens_lines = [k for k, line in enumerate(lines) if ": mdsens ..." in line]
+    assert len(lammps_lines) == len(mdsens_lines) == 2 and max(lammps_lines) < min(mdsens_lines), lines[:20]
+    data = json.loads(out.read_text())
+    for rows, moving in ((data["results"], ("sigma", "a", "B", "p")), (data["lj"]["results"], ("sigma",))):
+        (row,) = rows
+        assert row["lammps"]["fd_s"] > 0 and row["mdsens"]["sens_second_s"] > 0
+        for name in moving:
+            assert row["accuracy"][name]["dR_rel_err"] < 1e-5, (row["system"], name, row["accuracy"][name])
+        assert abs(row["checks"]["relaxed_energy_diff"]) < 1e-8 * abs(row["checks"]["relaxed_energy_lammps"])
