@@ -57,6 +57,7 @@ def si_diamond():
     return pot, res
 
 
+@pytest.mark.slow  # ~25 s; SW against published constants and the probe path stay in the default suite
 def test_fcc_lj_centrosymmetric_relaxed_equals_clamped_and_matches_jaxmd(lj_fcc):
     pot, res = lj_fcc
     C = elastic_constants(res, pot)

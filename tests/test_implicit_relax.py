@@ -152,6 +152,7 @@ def test_every_minimizer_gives_the_same_derivative(packing):
         np.testing.assert_allclose(lbfgs[k], gd[k], rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.slow  # ~25 s; test_batch.py keeps a vmapped, differentiated relaxation in the default suite
 def test_vmap_over_parameter_sets_uses_the_device_loop(cluster):
     system, pot, result = cluster
     eps = jnp.array([0.0104, 0.0208])
