@@ -111,7 +111,10 @@ class HostRelaxation:
         if self.relax_cell:
             self.problem = minimize.cell_problem(self.energy_fn, system.n_atoms, system.dim, self.cell_factor)
         else:
-            self.problem = minimize.positions_problem(self.energy_fn, periodic=system.pbc)
+            # the loop builds its own lists, all full ones: the row-local gradient holds
+            self.problem = minimize.positions_problem(self.energy_fn, periodic=system.pbc,
+                                                      value_and_grad=getattr(self.energy_fn, "value_and_gradient",
+                                                                             None))
         #: Diagnostics: neighbor lists reallocated after an overflow (all calls).
         self.reallocations = 0
         self._nl = None

@@ -93,16 +93,20 @@ class Problem(NamedTuple):
       residuals: ``residuals(X, grad, cell) -> (fmax, smax)``, the force and stress
         criteria from the gradient ``∂energy/∂X``.
       shift: ``shift(X, dX, cell, maxstep) -> X'``, one step (wrapped, limited).
+      value_and_grad: ``(energy, ∂energy/∂X)`` at the same arguments as ``energy``, when
+        a cheaper form than ``jax.value_and_grad(energy)`` exists; else ``None``.
     """
 
     energy: Callable
     physical: Callable
     residuals: Callable
     shift: Callable
+    value_and_grad: Optional[Callable] = None
 
 
-def positions_problem(energy_fn, periodic: bool) -> Problem:
-    """Minimize over positions ``X = R``; ``energy_fn(R, params, cell, neighbor)``."""
+def positions_problem(energy_fn, periodic: bool, value_and_grad: Optional[Callable] = None) -> Problem:
+    """Minimize over positions ``X = R``; ``energy_fn(R, params, cell, neighbor)``;
+    ``value_and_grad``: :attr:`Problem.value_and_grad`."""
 
     def physical(X, cell):
         return X, cell
@@ -114,7 +118,7 @@ def positions_problem(energy_fn, periodic: bool) -> Problem:
         X = X + _limit(dX, maxstep)
         return wrap_positions(X, cell) if periodic else X
 
-    return Problem(energy_fn, physical, residuals, shift)
+    return Problem(energy_fn, physical, residuals, shift, value_and_grad)
 
 
 def cell_problem(energy_fn, n: int, dim: int, cell_factor) -> Problem:
@@ -324,7 +328,7 @@ def lbfgs(problem: Problem, options: LBFGS = LBFGS(), neighbor_update: Optional[
     step costs one energy-and-gradient evaluation when the first trial is accepted (the
     usual case) and one more per backtrack; ``state.inner.evaluations`` counts them.
     """
-    value_and_grad = jax.value_and_grad(problem.energy)
+    value_and_grad = problem.value_and_grad or jax.value_and_grad(problem.energy)
     m = options.memory
 
     def init(X, params, cell, neighbor, h0=None):

@@ -370,6 +370,24 @@ class Potential:
         energy.gradient_and_hessian_blocks = gradient_and_hessian_blocks
         energy.hessian_apply = hessian_apply
         energy.hessian_products = hessian_products
+        if pairwise:
+            def value_and_gradient(positions, params, cell=None, neighbor=None):
+                """``(E, ∇E)`` on a full list (each pair in both rows, as every list mdsens
+                builds): ``∂E/∂R_i = −2 Σ_m ∂L/∂dR[i, m]`` (jax-md's ``dR[i, m] = R_j −
+                R_i``), the pair terms being even in ``dR`` and symmetric in species, so
+                the mirror slot's half equals this one's. No transposed gather (a scatter-add on XLA's CPU backend): 0.73
+                against 1.19 ms at N = 499 LJ. Wrong on a one-way list: for the loops
+                that build their own lists."""
+                params = validate(params)
+                dR, mask, sj = pair_vectors(positions, cell, neighbor)
+                e, g = jax.value_and_grad(lambda D: local_energy(params, D, mask, jnp.asarray(species), sj))(dR)
+                g = -2.0 * g.sum(axis=1)
+                if neighbor is not None:
+                    broken = neighbors.overflow_flag(neighbor)
+                    e, g = jnp.where(broken, jnp.nan, e), jnp.where(broken, jnp.nan, g)
+                return e, g
+
+            energy.value_and_gradient = value_and_gradient
         return energy
 
     def _shape_check_only(self, params):
