@@ -66,13 +66,18 @@ def _energy_gradient_hvp(E):
     return run
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_tight_list_and_block_hessian_match_autodiff_on_the_full_list(name):
+def _case_lists(name):
+    """``(pot, system, full list, tight list, list energy)`` of a case."""
     pot, system = CASES[name]
-    R, cell, p = system.positions, system.cell, pot.params
     full = neighbors.indices_only(pot.neighbor_list(system))
     tight = neighbors.interacting_neighbors(system, pot.cutoff(), full)
-    E = pot.energy_fn(system, neighbor_list=True)
+    return pot, system, full, tight, pot.energy_fn(system, neighbor_list=True)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
+def test_tight_list_and_block_hessian_match_autodiff_on_the_full_list(name):
+    pot, system, full, tight, E = _case_lists(name)
+    R, cell, p = system.positions, system.cell, pot.params
     V = jax.random.normal(jax.random.PRNGKey(3), (2,) + R.shape, jnp.float64)
     e_ref, g_ref, hv_ref = (np.asarray(x) for x in _energy_gradient_hvp(E)(R, V, p, cell, full))
     assert e_ref != 0.0 and np.abs(hv_ref).max() > 0  # the case has interacting pairs
@@ -171,11 +176,8 @@ def test_block_products_batched_every_way_equal_autodiff(name):
     # The product's batching rule moves a batch of columns last; nested batches, a batch
     # of structures (the blocks batched too, as in ms.relax_batch) and a jvp take other
     # routes. Each equals forward-over-reverse autodiff on the full list.
-    pot, system = CASES[name]
+    pot, system, full, tight, E = _case_lists(name)
     R, cell, p = system.positions, system.cell, pot.params
-    full = neighbors.indices_only(pot.neighbor_list(system))
-    tight = neighbors.interacting_neighbors(system, pot.cutoff(), full)
-    E = pot.energy_fn(system, neighbor_list=True)
     V = jax.random.normal(jax.random.PRNGKey(5), (2, 3) + R.shape, jnp.float64)
     shift = 1e-3 * jax.random.normal(jax.random.PRNGKey(6), R.shape, jnp.float64)
     Rs = jnp.stack([R, R + shift])  # both within the tight list's margin
