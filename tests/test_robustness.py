@@ -49,7 +49,8 @@ def _cli(*argv):
 
 # ------------------------------------------------------------------ 1. linear molecules
 @pytest.mark.parametrize("kind, name, truth", [
-    ("lj", "sigma", TIED),
+    # ~22 s each, slow to keep make test near 10 minutes (CI runs the slow suite)
+    pytest.param("lj", "sigma", TIED, marks=pytest.mark.slow),
     pytest.param("morse", "r0", 1.0, marks=pytest.mark.slow),  # the same path, another potential
 ])
 def test_traced_derivative_of_a_linear_molecule(kind, name, truth):

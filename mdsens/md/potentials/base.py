@@ -375,9 +375,9 @@ class Potential:
                 """``(E, ∇E)`` on a full list (each pair in both rows, as every list mdsens
                 builds): ``∂E/∂R_i = −2 Σ_m ∂L/∂dR[i, m]`` (jax-md's ``dR[i, m] = R_j −
                 R_i``), the pair terms being even in ``dR`` and symmetric in species, so
-                the mirror slot's half equals this one's. No transposed gather (a scatter-add on XLA's CPU backend): 0.73
-                against 1.19 ms at N = 499 LJ. Wrong on a one-way list: for the loops
-                that build their own lists."""
+                the mirror slot's half equals this one's. No transposed gather (a
+                scatter-add on XLA's CPU backend; docs/design.md §9). Wrong on a one-way
+                list: for the loops that build their own lists."""
                 params = validate(params)
                 dR, mask, sj = pair_vectors(positions, cell, neighbor)
                 e, g = jax.value_and_grad(lambda D: local_energy(params, D, mask, jnp.asarray(species), sj))(dR)
