@@ -74,6 +74,7 @@ def lj_jacobian(lj_binary):
     return jax.jacfwd(lambda p: _outputs(_lj_relax(system, pot, p)))(pot.params)
 
 
+@pytest.mark.slow  # ~45 s with its fixture; the refusals stay in the default suite
 def test_lj_scaling_laws_forward_mode(lj_binary, lj_jacobian):
     pot, system, res = lj_binary
     J, p = lj_jacobian, pot.params
@@ -104,7 +105,7 @@ def test_lj_scaling_laws_forward_mode(lj_binary, lj_jacobian):
         np.testing.assert_allclose(G, np.swapaxes(G, 0, 1), atol=1e-10 * np.abs(G).max())
 
 
-@pytest.mark.slow  # ~60 s; forward mode and the refusals stay in the default suite
+@pytest.mark.slow  # ~60 s
 def test_lj_reverse_mode_closed_forms_and_forward_equals_reverse(lj_binary, lj_jacobian):
     pot, system, res = lj_binary
     p = pot.params

@@ -96,6 +96,7 @@ def test_linearised_statistics_agree_with_monte_carlo(crystal, monte_carlo):
     assert np.all(np.abs(C_mc - C) < 4 * se), (C, C_mc)
 
 
+@pytest.mark.slow  # ~30 s; the refusals stay in the default suite
 def test_forward_and_reverse_modes_agree(crystal):
     pot, res, formation = crystal
     obs = {"energy": "energy", "E_f": formation}
