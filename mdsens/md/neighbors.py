@@ -303,6 +303,15 @@ def overflow_flag(neighbor):
     return jnp.asarray(False) if flag is None else jnp.asarray(flag)
 
 
+def nan_if_overflowed(neighbor, *values):
+    """``values`` as they are, or NaN where ``neighbor`` (``None``: no list) overflowed.
+    Inside jit the flag is traced: a truncated list gives NaN, never a number."""
+    if neighbor is None:
+        return values
+    broken = overflow_flag(neighbor)
+    return tuple(jnp.where(broken, jnp.nan, v) for v in values)
+
+
 #: Host callers that pass fresh lists to one compiled program pad the capacity to a
 #: multiple of this (:func:`indices_only`): a handful of shapes instead of one per count.
 INDEX_CAPACITY_STEP = 8

@@ -337,10 +337,7 @@ class Potential:
         def energy(positions, params, cell=None, neighbor=None):
             params = validate(params)
             dR, mask, sj = pair_vectors(positions, cell, neighbor)
-            e = local_energy(params, dR, mask, jnp.asarray(species), sj)
-            if neighbor is not None:
-                # Inside jit the flag is traced: a truncated list gives NaN, never a number.
-                e = jnp.where(neighbors.overflow_flag(neighbor), jnp.nan, e)
+            (e,) = neighbors.nan_if_overflowed(neighbor, local_energy(params, dR, mask, jnp.asarray(species), sj))
             return e
 
         pairwise = self.pairwise
@@ -381,11 +378,7 @@ class Potential:
                 params = validate(params)
                 dR, mask, sj = pair_vectors(positions, cell, neighbor)
                 e, g = jax.value_and_grad(lambda D: local_energy(params, D, mask, jnp.asarray(species), sj))(dR)
-                g = -2.0 * g.sum(axis=1)
-                if neighbor is not None:
-                    broken = neighbors.overflow_flag(neighbor)
-                    e, g = jnp.where(broken, jnp.nan, e), jnp.where(broken, jnp.nan, g)
-                return e, g
+                return neighbors.nan_if_overflowed(neighbor, e, -2.0 * g.sum(axis=1))
 
             energy.value_and_gradient = value_and_gradient
         return energy

@@ -310,10 +310,7 @@ class CustomPotential(Potential):
                 neighbors.refuse_overflowed(neighbor, f"the {name} energy")
                 idx = jnp.asarray(neighbors.neighbor_idx(neighbor), jnp.int32)
             args = (positions, p, cell, idx) if species is None else (positions, p, cell, idx, jnp.asarray(species))
-            e = _checked_energy(user_fn(*args), name)
-            if neighbor is not None:
-                # Inside jit the flag is traced: a truncated list gives NaN, never a number.
-                e = jnp.where(neighbors.overflow_flag(neighbor), jnp.nan, e)
+            (e,) = neighbors.nan_if_overflowed(neighbor, _checked_energy(user_fn(*args), name))
             return e
 
         return energy
