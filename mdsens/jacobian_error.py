@@ -66,6 +66,8 @@ __all__ = [
     "ErrorEstimate",
     "newton_step",
     "first_order_error",
+    "first_order_rhs",
+    "linearized_solve",
     "rhs_variation",
     "first_order_estimate",
     "newton_linearity",
@@ -893,10 +895,12 @@ def newton_linearity(before, after, scale=0.0):
     return xp.where((after <= noise) | (before <= 0), 0.0, after / xp.where(before > 0, before, 1.0))
 
 
-def _solve_for(F, x, theta, rhs, **solve_options):
+def linearized_solve(F: Callable, x, theta, rhs, **solve_options):
     """``((∂₁F)⁺ rhs, SolveInfo)`` at ``(x, θ)`` (jittable), through the core's forward
     solve: the tangent of ``F(x, θ) − s·rhs`` along ``s`` alone is ``−rhs``. ``θ`` is
-    closed over, not an argument, so that no derivative of ``F`` in ``θ`` is traced."""
+    closed over, not an argument, so that no derivative of ``F`` in ``θ`` is traced.
+    ``solve_options``: ``solve``, ``nullspace`` (a callable ``(x, θ)``), ``symmetric``
+    and ``operator``, as :func:`newton_step`'s."""
     if solve_options.get("operator") is None:
         def augmented(x, s, r):
             return jax.tree_util.tree_map(lambda f, v: f - s * v, F(x, theta), r)
@@ -925,7 +929,7 @@ def newton_step(F: Callable, x_hat, theta, *, solve: Callable, nullspace=None, s
     Returns:
       ``(δ, SolveInfo)``, ``δ`` shaped like ``x_hat`` (units of x).
     """
-    return _solve_for(F, x_hat, theta, F(x_hat, theta), solve=solve, nullspace=nullspace, symmetric=symmetric,
+    return linearized_solve(F, x_hat, theta, F(x_hat, theta), solve=solve, nullspace=nullspace, symmetric=symmetric,
                       operator=operator)
 
 
@@ -959,6 +963,37 @@ def _at_both(f, x, shifted):
     return tuple(jax.tree_util.tree_map(lambda v, i=i: v[i], out) for i in range(2))
 
 
+def first_order_rhs(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent, *,
+                    operator: Optional[Callable] = None, step: float = FIRST_ORDER_STEP, rhs_terms=None):
+    """The right-hand side whose solve is :func:`first_order_error`'s ``e``, without the solve.
+
+    ``rhs = residual − ∂ₓ[∂F·(ẋ, θ̇)][δ]`` with ``residual = ∂F(x̂)·(ẋ, θ̇)``; the
+    directional derivative is a one-sided difference over ``step`` along ``δ/‖δ‖``: one
+    ``jax.jvp`` of ``F`` in ``(x, θ)`` at the shifted point, less the same at ``x̂``
+    (``∂₂F θ̇`` from ``rhs_terms``, :func:`rhs_variation`'s output for this column, else
+    computed; ``∂₁F ẋ`` from ``operator`` when given, the Hessian products of the solves).
+    Batches of columns can then map this with ``jax.vmap`` and their solves one by one
+    (:func:`mdsens.linear_solve.each_column`). Jittable.
+
+    Returns:
+      ``(rhs, residual, (β, γ_J))`` as :func:`first_order_error`'s.
+    """
+    unit, length = _unit(delta)
+    shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
+    if rhs_terms is None:
+        rhs_terms = rhs_variation(F, x_hat, theta, delta, theta_tangent, step=step)
+    b0, d_b = rhs_terms
+    a0 = (jax.jvp(lambda y: F(y, theta), (x_hat,), (x_tangent,))[1] if operator is None
+          else operator(x_tangent))
+    both1 = jax.jvp(F, (shifted, theta), (x_tangent, theta_tangent))[1]  # ∂₁F ẋ + ∂₂F θ̇ there
+    # ∂₂F θ̇ at the shifted point is b0 + step·∂ₓb[δ̂]: what is left is ∂₁F ẋ there
+    d_a = jax.tree_util.tree_map(lambda c, b, db, a: (c - (b + step * db) - a) / step, both1, b0, d_b, a0)
+    norm = lambda tree: jnp.linalg.norm(ravel_pytree(tree)[0])  # noqa: E731
+    residual = jax.tree_util.tree_map(jnp.add, b0, a0)
+    rhs = jax.tree_util.tree_map(lambda r, u, v: r - (u + v) * length, residual, d_b, d_a)
+    return rhs, residual, (norm(d_b), norm(d_a))
+
+
 def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent, *, solve: Callable,
                       nullspace=None, symmetric: bool = False, operator: Optional[Callable] = None,
                       step: float = FIRST_ORDER_STEP, rhs_terms=None):
@@ -972,9 +1007,8 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
     the derivative of ``J`` along ``δ``: Theorem 1's two terms, with the directional
     derivatives of ``A`` and ``B`` along the actual error in place of Lipschitz constants
     over a ball. They are one-sided differences over :data:`FIRST_ORDER_STEP` (``step``)
-    along ``δ/‖δ‖``: two ``jax.jvp`` of ``F`` in ``x`` and two in ``θ`` (the latter
-    skipped when ``rhs_terms``, :func:`rhs_variation`'s output for this column, are
-    given). Jittable.
+    along ``δ/‖δ‖`` (:func:`first_order_rhs`; pass ``rhs_terms``, :func:`rhs_variation`'s
+    output for this column, when it is at hand). Jittable.
 
     Returns:
       ``(e, residual, (β, γ_J), SolveInfo)``: ``e`` shaped like ``x_hat`` (x per unit
@@ -985,19 +1019,11 @@ def first_order_error(F: Callable, x_hat, theta, delta, x_tangent, theta_tangent
       theorem's constants along the unit direction ``δ̂`` (for
       :func:`theorem1_constant_local`).
     """
-    unit, length = _unit(delta)
-    shifted = jax.tree_util.tree_map(lambda a, u: a + step * u, x_hat, unit)
-    if rhs_terms is None:
-        rhs_terms = rhs_variation(F, x_hat, theta, delta, theta_tangent, step=step)
-    b0, d_b = rhs_terms
-    a0, a1 = _at_both(lambda x: jax.jvp(lambda y: F(y, theta), (x,), (x_tangent,))[1], x_hat, shifted)
-    norm = lambda tree: jnp.linalg.norm(ravel_pytree(tree)[0])  # noqa: E731
-    d_a = jax.tree_util.tree_map(lambda p, q: (q - p) / step, a0, a1)
-    residual = jax.tree_util.tree_map(jnp.add, b0, a0)
-    rhs = jax.tree_util.tree_map(lambda r, u, v: r - (u + v) * length, residual, d_b, d_a)
-    e, info = _solve_for(F, x_hat, theta, rhs, solve=solve, nullspace=nullspace, symmetric=symmetric,
+    rhs, residual, constants = first_order_rhs(F, x_hat, theta, delta, x_tangent, theta_tangent, operator=operator,
+                                               step=step, rhs_terms=rhs_terms)
+    e, info = linearized_solve(F, x_hat, theta, rhs, solve=solve, nullspace=nullspace, symmetric=symmetric,
                          operator=operator)
-    return e, residual, (norm(d_b), norm(d_a)), info
+    return e, residual, constants, info
 
 
 def adjoint(F: Callable, x_hat, theta, cotangent, *, solve: Callable, nullspace=None, symmetric: bool = False,
@@ -1011,7 +1037,7 @@ def adjoint(F: Callable, x_hat, theta, cotangent, *, solve: Callable, nullspace=
     if operator is None:
         def augmented(x, r):
             return jax.tree_util.tree_map(jnp.subtract, F(x, theta), r)
-    else:  # as in _solve_for: ∂₁F from the operator, F never traced
+    else:  # as in linearized_solve: ∂₁F from the operator, F never traced
         def augmented(x, r):
             return jax.tree_util.tree_map(jnp.negative, r)
     zero = jax.tree_util.tree_map(jnp.zeros_like, x_hat)

@@ -7,6 +7,7 @@ from mdsens.implicit.linear_solve import (  # noqa: F401
     cg,
     cg_lanczos,
     cholesky,
+    each_column,
     gmres,
     lstsq,
     lu,
@@ -14,4 +15,4 @@ from mdsens.implicit.linear_solve import (  # noqa: F401
 )
 
 __all__ = ["SolveInfo", "cg", "cg_lanczos", "LanczosTridiagonal", "minres", "gmres", "bicgstab", "lu", "cholesky",
-           "lstsq"]
+           "lstsq", "each_column"]

@@ -268,6 +268,33 @@ def test_rhs_variation_is_the_closed_form_and_first_order_error_takes_it():
     np.testing.assert_allclose(given[2], own[2], rtol=1e-12)
 
 
+def test_first_order_rhs_is_the_numpy_hessian_difference_with_or_without_the_operator():
+    # rhs = residual − (∂ₓb[δ̂] + ∂ₓ[H ẋ][δ̂]) ‖δ‖, residual = b + H ẋ, with b = w_hat
+    # (∂λF = w) and the Hessian's directional derivative a central NumPy difference
+    X, lam, F, hessian, curve = logistic()
+    w_hat = curve.x_star + 1e-2 * np.random.default_rng(9).normal(size=10)
+    delta, _ = je.newton_step(F, jnp.asarray(w_hat), lam, solve=CG, symmetric=True)
+    unit = np.asarray(delta) / np.linalg.norm(delta)
+    dx = -np.linalg.solve(hessian(w_hat), w_hat) + 1e-3 * np.random.default_rng(10).normal(size=10)
+    h = 1e-4
+    d_a = (hessian(w_hat + h * unit) @ dx - hessian(w_hat - h * unit) @ dx) / (2 * h)
+    residual = w_hat + hessian(w_hat) @ dx
+    truth = residual - (unit + d_a) * np.linalg.norm(delta)
+    H_hat = jnp.asarray(hessian(w_hat))
+    for operator in (None, lambda v: H_hat @ v):
+        rhs, res, (beta, gamma) = je.first_order_rhs(F, jnp.asarray(w_hat), lam, delta, jnp.asarray(dx), 1.0,
+                                                     operator=operator)
+        np.testing.assert_allclose(res, residual, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(rhs, truth, rtol=1e-6, atol=1e-7 * np.linalg.norm(truth))
+        assert float(beta) == pytest.approx(1.0, rel=1e-8)
+        assert float(gamma) == pytest.approx(np.linalg.norm(d_a), rel=1e-5)
+        # first_order_error solves exactly this right-hand side
+        e = je.first_order_error(F, jnp.asarray(w_hat), lam, delta, jnp.asarray(dx), 1.0, solve=CG, symmetric=True,
+                                 operator=operator)[0]
+        np.testing.assert_allclose(e, np.linalg.solve(hessian(w_hat), truth), rtol=1e-5,
+                                   atol=1e-6 * np.linalg.norm(e))
+
+
 def test_first_order_gradient_error_of_a_reverse_mode_gradient():
     # o(λ) = O(w*(λ), λ), O = Σw³/3 + λΣw; closed form at any w with NumPy Hessians:
     # ∇o(w) = Σw − wᵀ H(w)⁻¹ (w² + λ)   (∂λF = w, ∂wO = w² + λ)

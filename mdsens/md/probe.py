@@ -61,11 +61,11 @@ def probed_solves(hessian: Callable, basis, rhs, z, tol: float, floors=None):
 
     B = rhs.reshape(rhs.shape[0], -1)
     B = B - (B @ Q) @ Q.T
-    # Two loops, not one vmapped batch: a batch runs every lane until the slowest is done,
-    # and the probe's tighter tolerance keeps it going after the columns converge.
+    # The probe is its own loop, not a lane of the columns' batch: a batch runs every lane
+    # until the slowest is done, and the probe's tighter tolerance keeps it going longer.
     floors = jnp.zeros(B.shape[0], B.dtype) if floors is None else floors
-    x, columns = jax.vmap(lambda b, floor: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * z.size, atol=floor))(
-        B, floors)
+    x, columns = linear_solve.each_column(
+        lambda b, floor: linear_solve.cg(deflated, b, tol=tol, maxiter=10 * z.size, atol=floor), B, floors)
     steps = min(PROBE_STEPS, 10 * z.size)
     _, probe_info, tridiagonal = linear_solve.cg_lanczos(deflated, z, steps=steps, tol=tol * PROBE_TOL_FACTOR,
                                                          maxiter=steps)  # never past its record

@@ -488,17 +488,18 @@ def _columns(F, R, theta, tangents, basis, solve, hessian=None, probing=None, fl
             return root_jvp(F, R, (theta,), (t,), solve=column_solve, nullspace=nullspace,
                             symmetric=True, return_info=True, on_failure="ignore", operator=hessian)
 
-        dR, info = jax.vmap(solved)(tangents, floors)
+        dR, info = linear_solve.each_column(solved, tangents, floors)
         probed = None
     else:
         dR, info, probed = probed_solves(hessian, basis, -b, *probing, floors=floors)
 
-    def estimated(dR, t, b, d_b):
-        e, _, (beta, gamma), _ = jacobian_error.first_order_error(F, R, theta, delta, dR, t, rhs_terms=(b, d_b),
-                                                                  **loose)
-        return beta, gamma, jnp.linalg.norm(e)
-
-    beta, gamma, e_norm = jax.vmap(estimated)(dR, tangents, b, d_b)
+    # the error's right-hand sides batched (autodiff amortizes over lanes), its solves one
+    # by one (CG lanes do not: linear_solve.each_column)
+    rhs, _, (beta, gamma) = jax.vmap(
+        lambda x, t, b, d_b: jacobian_error.first_order_rhs(F, R, theta, delta, x, t, operator=hessian,
+                                                            rhs_terms=(b, d_b)))(dR, tangents, b, d_b)
+    e, _ = linear_solve.each_column(lambda r: jacobian_error.linearized_solve(F, R, theta, r, **loose), rhs)
+    e_norm = jnp.linalg.norm(e.reshape(e.shape[0], -1), axis=1)
     return dR, info, beta, gamma, g, g_norm, e_norm, jnp.linalg.norm(delta), residuals, probed
 
 
