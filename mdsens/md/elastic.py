@@ -58,7 +58,7 @@ from mdsens.md.hessian import hessian_products
 from mdsens.md.options import as_stability
 from mdsens.md import probe
 from mdsens.md.probe import probed_solves
-from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary
 from mdsens.md.progress import structure_stages
 from mdsens.md.sensitivity import select_parameters, estimate_options, linearity, newton, parameter_labels
 from mdsens.md.strain import deformation_gradient, voigt_names
@@ -386,23 +386,18 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
             def arguments(basis):
                 return system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks
 
-            found = None
-            if probe.probes_spectrum(self.stability, self.probe_tol, system):
-                def run_probed(basis, z):
-                    stages.start(solves + " with a spectral probe")
-                    out = run(*arguments(basis), z)
-                    return out, out[3].breakdown, out[-1]
+            def run_probed(basis, z):
+                stages.start(solves + " with a spectral probe")
+                out = run(*arguments(basis), z)
+                return out, out[3].breakdown, out[-1]
 
-                stages.start("rigid modes and isolated dofs")
-                found = probe.with_probe(prob, self.stability, fmax_now, run_probed)
-            if found is not None:
-                out, (basis, _, _, lam_max) = found
-            else:
-                stages.start("stability analysis" if self.stability is not None else "rigid modes")
-                basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
-                # the Born Hessian and every strain column are one batched program: one stage
+            def run_plain(basis):
+                # the Born Hessian and every strain column are one program: one stage
                 stages.start(solves)
-                out = run(*arguments(basis))
+                return run(*arguments(basis))
+
+            out, (basis, _, _, lam_max), _ = probe.solved_with_stability(
+                prob, self.stability, self.probe_tol, fmax_now, run_probed, run_plain, stages)
             born, correction, dU, info, stress_v, error, residuals, _ = out
             jax.block_until_ready(born)  # the stage ends when the program does
             derivatives = (None, None, np.zeros(0))

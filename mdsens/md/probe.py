@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens.implicit import linear_solve
-from mdsens.md.problem import known_modes, probed_null_basis
+from mdsens.md.problem import known_modes, null_basis, probed_null_basis
+from mdsens.md.progress import Stages
 
 __all__ = ["PROBE_SEED", "PROBE_STEPS", "PROBE_TOL_FACTOR", "probe_tolerance", "probed_solves", "probes_spectrum",
-           "with_probe"]
+           "with_probe", "solved_with_stability"]
 
 #: Seed of the random right-hand side whose CG solve probes the Hessian's spectrum.
 PROBE_SEED = 20240702
@@ -105,3 +106,26 @@ def with_probe(prob, stability, fmax_now: float, run_probed: Callable):
     broke = bool(np.any(np.asarray(breakdown))) or bool(np.asarray(probe_info.breakdown))
     found = None if broke else probed_null_basis(known, tridiagonal, stability, fmax_now)
     return None if found is None else (out, found)
+
+
+def solved_with_stability(prob, stability, probe_tol: Optional[float], fmax_now: float, run_probed: Callable,
+                          run_plain: Callable, stages: Optional[Stages] = None):
+    """``(outputs, (basis, n_soft, λ_min, λ_max), check)``: the solves of a derivative
+    with the stability verdict, the way every derivative routine takes it.
+
+    When :func:`probes_spectrum`, the solves run beside the probe (``run_probed``, as
+    :func:`with_probe` takes it) and ``check`` is ``"probe"``; when the probe cannot
+    decide, or is not used, the full analysis (:func:`mdsens.md.problem.null_basis`)
+    comes first and ``run_plain(basis)`` gives the outputs (``check``
+    ``"eigen-analysis"``, or ``"none"`` without a stability analysis). ``stages``: the
+    call's progress bar (:class:`mdsens.md.progress.Stages`), if any.
+    """
+    stages = Stages(False, "", 0) if stages is None else stages
+    if probes_spectrum(stability, probe_tol, prob.system):
+        stages.start("rigid modes and isolated dofs")
+        probed = with_probe(prob, stability, fmax_now, run_probed)
+        if probed is not None:
+            return (*probed, "probe")
+    stages.start("stability analysis" if stability is not None else "rigid modes")
+    found = null_basis(prob, stability, fmax_now)
+    return run_plain(found[0]), found, "none" if stability is None else "eigen-analysis"

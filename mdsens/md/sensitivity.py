@@ -78,7 +78,7 @@ from mdsens.md.io import write_text_atomically
 from mdsens.md.options import as_stability
 from mdsens.md import probe
 from mdsens.md.probe import probed_solves
-from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary, null_basis
+from mdsens.md.problem import STRICT_FMAX, ProblemBuilder, check_stationary
 from mdsens.md.progress import structure_stages
 from mdsens.md.strain import deformation_gradient, voigt_names, voigt_strain_matrix
 
@@ -580,29 +580,20 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         return self._compiled[key]
 
     def _solved(self, prob, fmax_now, arguments, n_tangents, stages):
-        """``(outputs of the compiled solves, (basis, n_soft, λ_min, λ_max), stability_check)``.
+        """``(outputs of the compiled solves, (basis, n_soft, λ_min, λ_max), stability_check)``
+        (:func:`mdsens.md.probe.solved_with_stability`): beside the spectral probe in the
+        common case, after the full analysis when the probe cannot decide."""
+        def run_probed(basis, z):
+            stages.start(f"{n_tangents} implicit solves, a spectral probe and error estimates")
+            out = self._functions(prob, n_tangents, probed=True)(*arguments(basis), z)
+            return out, out[0][1].breakdown, out[0][-1]
 
-        Probing: the known modes (rigid, rattlers), then the solves with the probe column;
-        its Ritz values settle the stability verdict in the common case. A soft or
-        unconverged Ritz pair, or a CG breakdown (negative curvature), sends it to the full
-        analysis (:func:`~mdsens.md.problem.null_basis`) and a second run of the solves
-        with its null space.
-        """
-        if probe.probes_spectrum(self.stability, self.probe_tol, prob.system):
-            def run_probed(basis, z):
-                stages.start(f"{n_tangents} implicit solves, a spectral probe and error estimates")
-                out = self._functions(prob, n_tangents, probed=True)(*arguments(basis), z)
-                return out, out[0][1].breakdown, out[0][-1]
+        def run_plain(basis):
+            stages.start(f"{n_tangents} implicit solve{'s' if n_tangents != 1 else ''} and error estimates")
+            return self._functions(prob, n_tangents)(*arguments(basis))
 
-            stages.start("rigid modes and isolated dofs")
-            probed = probe.with_probe(prob, self.stability, fmax_now, run_probed)
-            if probed is not None:
-                return (*probed, "probe")
-        stages.start("stability analysis" if self.stability is not None else "rigid modes")
-        found = null_basis(prob, self.stability, fmax_now)
-        stages.start(f"{n_tangents} implicit solve{'s' if n_tangents != 1 else ''} and error estimates")
-        check = "none" if self.stability is None else "eigen-analysis"
-        return self._functions(prob, n_tangents)(*arguments(found[0])), found, check
+        return probe.solved_with_stability(prob, self.stability, self.probe_tol, fmax_now, run_probed, run_plain,
+                                           stages)
 
     def _parameters(self, system, params):
         """``(theta, tangents, names, values, indices, shapes)`` for ``self.wrt``."""
@@ -861,26 +852,24 @@ class make_observable_gradient(_Derivative):  # noqa: N801
         def arguments(basis):
             return (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
 
-        probed = None
-        if not return_info and probe.probes_spectrum(self.stability, self.probe_tol, s):
-            def run_probed(basis, z):
-                gradient, info, probe = grad_probed(*arguments(basis), z)
-                return (gradient, info), info.breakdown, probe
+        def run_probed(basis, z):
+            gradient, solve_info, probed = grad_probed(*arguments(basis), z)
+            return (gradient, solve_info), solve_info.breakdown, probed
 
-            probed = probe.with_probe(prob, self.stability, fmax_now, run_probed)
-        if probed is not None:
-            (out, solve_info), _ = probed
+        def run_plain(basis):
+            return (grad_with_error if return_info else grad_total)(*arguments(basis)), None
+
+        # with return_info the error estimate's program (no probe) takes the solves
+        (out, solve_info), (_, _, _, lam_max), check = probe.solved_with_stability(
+            prob, self.stability, None if return_info else self.probe_tol, fmax_now, run_probed, run_plain)
+        if check == "probe":
             _report_solve(np.asarray(solve_info.converged), np.asarray(solve_info.relative_residual),
                           ["the adjoint"], self.on_failure)
-        else:
-            basis, _, _, lam_max = null_basis(prob, self.stability, fmax_now)
-            if return_info:
-                out, e_norm, newton_length, residuals = grad_with_error(*arguments(basis))
-                lin = linearity(residuals, lam_max, s.positions)
-                estimate = float(jacobian_error.first_order_estimate(float(e_norm), lin))
-                info = GradientInfo(estimate, float(newton_length), lin, fmax_now)
-            else:
-                out = grad_total(*arguments(basis))
+        elif return_info:
+            out, e_norm, newton_length, residuals = out
+            lin = linearity(residuals, lam_max, s.positions)
+            estimate = float(jacobian_error.first_order_estimate(float(e_norm), lin))
+            info = GradientInfo(estimate, float(newton_length), lin, fmax_now)
         if not np.all(np.isfinite(np.asarray(out))):
             raise StructureError("the observable's gradient is NaN/inf at this structure; check the observable.")
         out = np.asarray(out) if unravel is None else unravel(out)
