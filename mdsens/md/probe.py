@@ -102,7 +102,7 @@ def with_probe(prob, stability, fmax_now: float, run_probed: Callable):
     """
     known = known_modes(prob, stability)
     z = np.random.default_rng(PROBE_SEED).standard_normal(prob.system.positions.shape)
-    out, breakdown, (probe_info, tridiagonal) = run_probed(known.basis, jnp.asarray(z))
+    out, breakdown, (probe_info, tridiagonal) = run_probed(known.basis, z)  # host arrays: jit moves them
     broke = bool(np.any(np.asarray(breakdown))) or bool(np.asarray(probe_info.breakdown))
     found = None if broke else probed_null_basis(known, tridiagonal, stability, fmax_now)
     return None if found is None else (out, found)

@@ -600,15 +600,15 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
         wrt = self.wrt
         if wrt == "cell":
             nv = len(voigt_names(system.dim))
-            return (jnp.zeros((nv,), jnp.float64), jnp.eye(nv, dtype=jnp.float64),
+            return (np.zeros(nv), np.eye(nv),
                     tuple(f"strain_{n}" for n in voigt_names(system.dim)), np.zeros(nv), np.arange(nv), {})
         theta = flat_params(params)
         if isinstance(wrt, dict):
             names, tangents = _directions(wrt, params)
-            return jnp.asarray(theta), tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
+            return theta, tangents, names, np.full(len(names), np.nan), np.arange(len(names)), {}
         labels = parameter_labels(params)
         idx = select_parameters(labels, wrt)
-        return (jnp.asarray(theta), jnp.asarray(np.eye(theta.size)[idx]), tuple(labels[i] for i in idx),
+        return (theta, np.eye(theta.size)[idx], tuple(labels[i] for i in idx),
                 theta[idx], idx, {k: tuple(np.shape(v)) for k, v in params.items()})
 
     def __call__(self, result, params=None, neighbor=None, progress: Optional[bool] = None) -> Sensitivity:
@@ -621,7 +621,9 @@ class make_sensitivity(_Derivative):  # noqa: N801  (a function that returns a f
             R = system.positions
 
             def arguments(basis):
-                return (R, theta, tangents, jnp.asarray(basis), system.cell, prob.neighbor, params_, prob.blocks)
+                # host arrays go to the compiled program as they are: jit moves them in its
+                # call, where an eager jnp.asarray is a dispatch of its own
+                return (R, theta, tangents, basis, system.cell, prob.neighbor, params_, prob.blocks)
 
             # all columns are one batched program: one stage, not one per column
             out, (basis, n_soft, lam_min, lam_max), check = self._solved(prob, fmax_now, arguments, len(names),

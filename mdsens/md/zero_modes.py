@@ -146,7 +146,7 @@ def find_isolated_dofs(energy: Callable, positions, *, rtol: float = 1e-12, args
     """
     R = jnp.asarray(positions, jnp.float64)
     Z = np.random.default_rng(_PROBE_SEED).standard_normal((ISOLATED_DOF_PROBES, *R.shape))
-    HZ = np.asarray(_batched_hvp(energy, R, tuple(args), blocks, jnp.asarray(Z))).reshape(ISOLATED_DOF_PROBES, -1)
+    HZ = np.asarray(_batched_hvp(energy, R, tuple(args), blocks, Z)).reshape(ISOLATED_DOF_PROBES, -1)
     response = np.abs(HZ).max(axis=0)
     scale = response.max()  # NaN if the Hessian is not finite: nothing is flagged
     return np.flatnonzero(response <= rtol * scale)
