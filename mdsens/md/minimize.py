@@ -388,8 +388,9 @@ def lbfgs(problem: Problem, options: LBFGS = LBFGS(), neighbor_update: Optional[
         sy = jnp.vdot(s_new, y_new)
         store = ok & (sy > 1e-12 * jnp.linalg.norm(s_new) * jnp.linalg.norm(y_new))
         head = st.head
-        s_buf = jnp.where(store, st.s.at[head].set(s_new), st.s)
-        y_buf = jnp.where(store, st.y.at[head].set(y_new), st.y)
+        # the slot, not the whole buffer, is selected: a where over the buffers copied them
+        s_buf = st.s.at[head].set(jnp.where(store, s_new, st.s[head]))
+        y_buf = st.y.at[head].set(jnp.where(store, y_new, st.y[head]))
         rho = jnp.where(store, st.rho.at[head].set(1.0 / jnp.where(store, sy, 1.0)), st.rho)
         head = jnp.where(store, (head + 1) % m, head)
         count = jnp.where(ok, jnp.where(store, jnp.minimum(st.count + 1, m), st.count), 0)
