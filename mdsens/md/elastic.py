@@ -184,8 +184,7 @@ def _internal(E_s, R, basis, solve, hessian, probing=None):
     strains = jnp.eye(n_voigt, dtype=jnp.float64)
     probed = None
     if probing is None:
-        dU, info, lam = linear_solve.each_column(
-            lambda t: _strain_column(F, R, theta0, t, nullspace, solve, hessian), strains)
+        dU, info, lam = jax.vmap(lambda t: _strain_column(F, R, theta0, t, nullspace, solve, hessian))(strains)
     else:
         lam = jax.vmap(lambda t: jax.jvp(lambda th: F(R, th), (theta0,), (t,))[1])(strains)
         dU, info, probed = probed_solves(hessian, basis, -lam, *probing)
@@ -196,8 +195,8 @@ def _internal(E_s, R, basis, solve, hessian, probing=None):
         m0, m1 = jax.vmap(lambda x: jax.jvp(grad_eps, (x, theta0), (dU, t))[1])(jnp.stack([R, shifted]))
         return rhs, (m1 - m0) * (length / step)
 
-    rhs, d_columns = jax.vmap(error_terms)(dU, strains)  # autodiff: batched; solves: one by one
-    e, _ = linear_solve.each_column(lambda r: jacobian_error.linearized_solve(F, R, theta0, r, **loose), rhs)
+    rhs, d_columns = jax.vmap(error_terms)(dU, strains)
+    e, _ = jax.vmap(lambda r: jacobian_error.linearized_solve(F, R, theta0, r, **loose))(rhs)
     correction = jnp.einsum("jnd,ind->ij", lam, dU)  # Λ_Jᵀ dU_I = −Λ_Jᵀ H⁺ Λ_I
     error = d_columns.T + jnp.einsum("jnd,ind->ji", lam, e)  # [J, I], as `correction`'s transpose
     stress_v = jax.grad(E_s, argnums=1)(R, theta0)
@@ -215,8 +214,8 @@ def _constants(E_s, R, basis, solve, hessian):
     born = jax.jacfwd(jax.jacfwd(E_s, argnums=1), argnums=1)(R, theta0)
     nullspace = lambda x, th: basis  # noqa: E731
 
-    dU, _, lam = linear_solve.each_column(lambda t: _strain_column(F, R, theta0, t, nullspace, solve, hessian),
-                                          jnp.eye(n_voigt, dtype=jnp.float64))
+    dU, _, lam = jax.vmap(lambda t: _strain_column(F, R, theta0, t, nullspace, solve, hessian))(
+        jnp.eye(n_voigt, dtype=jnp.float64))
     return born, jnp.einsum("jnd,ind->ij", lam, dU)
 
 
@@ -249,7 +248,7 @@ def _parameter_derivatives(energy, dim, R, basis, params, cell, nb, blocks, dire
         _, (dborn, dcorr) = jax.jvp(constants, (R, flat), (dR, v))
         return dborn, dcorr, info
 
-    return linear_solve.each_column(one, directions)
+    return jax.vmap(one)(directions)
 
 
 def _wanted(params, wrt):
