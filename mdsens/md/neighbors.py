@@ -506,7 +506,7 @@ class NeighborListFn:
         return self.margin / self.list_radius
 
     def _host_frac(self, positions, cell):
-        """``(fractional positions in [0, 1), metric box)`` on the host (numpy): the
+        """``(fractional positions (wrapped into the unit cell), metric box)`` on the host: the
         allocations' form of :meth:`_frac`, whose eager jax operations each dispatch."""
         cell = np.asarray(cell, np.float64)
         x = np.mod(np.linalg.solve(cell.T, np.asarray(positions, np.float64).T).T, 1.0)
