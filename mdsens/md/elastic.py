@@ -348,7 +348,7 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
         if dkey not in self._compiled_derivative:
             self._compiled_derivative[dkey] = self._compile_derivative(prob)
         dborn, dcorr, info = self._compiled_derivative[dkey](
-            system.positions, jnp.asarray(basis), params, system.cell, prob.neighbor, prob.blocks, directions)
+            system.positions, basis, params, system.cell, prob.neighbor, prob.blocks, directions)
         V = float(system.volume)
         dborn, dcorr = np.asarray(dborn) / V, np.asarray(dcorr) / V
         sym = lambda a: 0.5 * (a + np.swapaxes(a, -1, -2))  # noqa: E731
@@ -383,7 +383,7 @@ class make_elastic_constants:  # noqa: N801  (a function that returns a function
             solves = f"Born term and {len(voigt_names(system.dim))} internal-strain solves"
 
             def arguments(basis):
-                return system.positions, jnp.asarray(basis), prob.params, system.cell, prob.neighbor, prob.blocks
+                return system.positions, basis, prob.params, system.cell, prob.neighbor, prob.blocks
 
             def run_probed(basis, z):
                 stages.start(solves + " with a spectral probe")

@@ -294,7 +294,7 @@ class _ChordStep:
         fmax = check_stationary(prob, False, STRICT_FMAX, "a second-order prediction")
         basis = null_basis(prob, self.stability, fmax)[0]
         s = prob.system
-        dx, info = self._run(prob.energy)(s.positions, jnp.asarray(g), jnp.asarray(basis), prob.params, s.cell,
+        dx, info = self._run(prob.energy)(s.positions, jnp.asarray(g), basis, prob.params, s.cell,
                                           prob.neighbor, prob.blocks)
         if not bool(np.all(np.asarray(info.converged))):
             report(self.on_failure,

@@ -852,7 +852,7 @@ class make_observable_gradient(_Derivative):  # noqa: N801
             raise OptionError(f"the observable must return a scalar; it returns shape {value.shape}.")
 
         def arguments(basis):
-            return (s.positions, theta, jnp.asarray(basis), s.cell, prob.neighbor, prob.params, prob.blocks)
+            return (s.positions, theta, basis, s.cell, prob.neighbor, prob.params, prob.blocks)
 
         def run_probed(basis, z):
             gradient, solve_info, probed = grad_probed(*arguments(basis), z)
