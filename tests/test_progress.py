@@ -121,6 +121,7 @@ def test_sensitivity_shows_its_stages_only_when_asked(capsys, lj13):
     _same(quiet, shown)
 
 
+@pytest.mark.slow  # compiles the elastic programs (13 s); the other calls' stages are shown in the default suite
 def test_elastic_constants_show_their_stages(capsys, crystal_2d):
     pot, res = crystal_2d
     quiet = ms.elastic_constants(res, pot, progress=False)
