@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens._config import require_x64
-from mdsens.md import minimize, neighbors
+from mdsens.md import minimize, neighbors, programs
 from mdsens.md.errors import NotConvergedWarning, RelaxError
 from mdsens.md.options import DEFAULT_MINIMIZER, LBFGS, GradientDescent, as_minimizer, as_neighbor_list
 from mdsens.md.progress import progress_bar, progress_enabled
@@ -121,14 +121,15 @@ class HostRelaxation:
         self._widest = None
         self._compiled = None
         self._cell_list_fns = {}
-        self._evaluate = jax.jit(lambda R, p, C, nb: energy_forces_stress(self.energy_fn, R, p, C, nb))
+        self._evaluate = programs.jit(lambda R, p, C, nb: energy_forces_stress(self.energy_fn, R, p, C, nb))
 
     # -- compiled pieces (rebuilt only when a new neighbor-list function is needed) ------
     def _compile(self, nl):
         init, step = minimize.minimizer(self.problem, self.minimizer, None if nl is None else nl.update)
         self._nl = nl
         self._widest = None  # the list with the largest capacities these programs have seen
-        self._compiled = (jax.jit(init), jax.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)))
+        self._compiled = (programs.jit(init),
+                          programs.jit(lambda s, p, c, f, t, m: minimize.run(step, s, p, c, f, t, m)))
 
     def check_compatible(self, system):
         """Raise :class:`RelaxError` unless ``system`` has this relaxation's layout."""
