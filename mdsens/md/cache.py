@@ -8,7 +8,9 @@ and the options; bounded (least recently used first out); invisible in results â
 and a miss return the same numbers, because positions, cells and parameters are always
 call-time arguments. :func:`clear` empties it (e.g. to free compiled code).
 
-This memo is the only state mdsens keeps besides the float64 switch.
+This memo is the only state mdsens keeps besides the float64 switch, with one companion:
+:func:`capability`, what this process's JAX can do (probed once, e.g. whether XLA knows a
+compile option of :mod:`mdsens.md.programs`), which never changes within a process.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Callable, Hashable
 
 import numpy as np
 
-__all__ = ["memoized", "memoized_make", "clear", "info", "hashable", "layout_key", "MAX_ENTRIES"]
+__all__ = ["memoized", "memoized_make", "clear", "info", "capability", "hashable", "layout_key", "MAX_ENTRIES"]
 
 #: Largest number of built objects kept (each holds compiled programs).
 MAX_ENTRIES = 16
 
 _entries: "collections.OrderedDict[Hashable, object]" = collections.OrderedDict()
 _stats = {"hits": 0, "misses": 0}
+_capabilities: dict = {}
 
 
 def memoized(key: Hashable, build: Callable[[], object]):
@@ -49,6 +52,15 @@ def memoized_make(kind: str, pot, system, extra: tuple, options: dict, build: Ca
     key = (kind, pot.cache_key(), layout_key(system), extra,
            tuple((k, hashable(v)) for k, v in sorted(options.items())))
     return memoized(key, build)
+
+
+def capability(key: Hashable, probe: Callable[[], object]):
+    """``probe()``'s answer for ``key``, probed once per process: a fact about the
+    installed JAX, not a built object (neither counted by :func:`info` nor dropped by
+    :func:`clear`)."""
+    if key not in _capabilities:
+        _capabilities[key] = probe()
+    return _capabilities[key]
 
 
 def clear() -> None:

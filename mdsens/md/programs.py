@@ -32,10 +32,10 @@ def compiler_options() -> Optional[dict]:
     """:data:`CPU_COMPILER_OPTIONS` when JAX's default backend is the CPU and this jaxlib
     knows them (an experimental XLA option: older and newer versions may not), else
     ``None`` (XLA's defaults). The check compiles one trivial program, once per process
-    (memoized with the built objects, :mod:`mdsens.md.cache`)."""
+    (:func:`mdsens.md.cache.capability`)."""
     if jax.default_backend() != "cpu":
         return None
-    return cache.memoized(("cpu compiler options", tuple(sorted(CPU_COMPILER_OPTIONS.items()))), _supported)
+    return cache.capability(("cpu compiler options", tuple(sorted(CPU_COMPILER_OPTIONS.items()))), _supported)
 
 
 def _supported() -> Optional[dict]:
