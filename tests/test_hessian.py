@@ -75,8 +75,8 @@ def _case_lists(name):
 
 
 #: SW's products on the tight list are checked against autodiff in the default suite
-#: (test_block_products_batched_every_way_equal_autodiff); this test, which adds its
-#: energy and gradient there, compiles autodiff's SW Hessian (29 s) and runs with the slow.
+#: (test_block_products_batched_every_way_equal_autodiff). This test adds SW's energy and
+#: gradient on the tight list but compiles autodiff's SW Hessian (29 s): a slow one.
 TIGHT_LIST_SLOW = SLOW | {"stillinger-weber"}
 
 
